@@ -1,0 +1,179 @@
+"""Checkpoints: weights plus everything needed to rebuild and trust the model.
+
+Saved with ``torch.save`` as a plain dict of tensors and primitives, and loaded
+with ``torch.load(weights_only=True)``, whose restricted unpickler refuses any
+object that could run code. A bare ``state_dict`` saved the seed's way
+(``torch.save(model.state_dict(), "mnist_model.pth")``) is accepted too.
+Writes are atomic (temporary file, fsync, rename), so a crash or a full disk
+never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import platform
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, MnistrecError
+from .models import MNIST_MEAN, MNIST_STD, create_model
+
+FORMAT = "mnistrec-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference (eval mode) and the metadata it was saved with."""
+
+    model: nn.Module
+    model_name: str
+    model_kwargs: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+
+    from . import __version__
+
+    return {
+        "mnistrec": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename.
+
+    The previous file at ``path`` stays intact until the new one is complete.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise MnistrecError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise MnistrecError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def checkpoint_dict(model_name: str, model_kwargs: dict[str, Any], model: nn.Module, **meta: Any) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "normalization": {"mean": MNIST_MEAN, "std": MNIST_STD, "input": "float pixels in [0, 1], ink = 1"},
+        "versions": library_versions(),
+        **meta,
+    }
+
+
+def save_checkpoint(path: str | os.PathLike, model_name: str, model_kwargs: dict[str, Any], model: nn.Module, **meta: Any) -> None:
+    """Save weights and metadata (recipe, metrics, data checksums, …) atomically."""
+    payload = checkpoint_dict(model_name, model_kwargs, model, **meta)
+    atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint file safely into a dict, with one-line errors for every failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise CheckpointError(
+            f"{path}: refused to load: the file contains objects that are not plain weights and could run code "
+            f"({first[:200]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {message[:200]}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, found {type(obj).__name__}")
+    return obj
+
+
+def _is_state_dict(obj: dict[str, Any]) -> bool:
+    return bool(obj) and all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def build_model(model_name: str, model_kwargs: dict[str, Any], state_dict: dict[str, Any], source: str) -> nn.Module:
+    """Create the named model and load weights strictly, turning mismatches into one line."""
+    model = create_model(model_name, **model_kwargs)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{'…' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{'…' if len(unexpected) > 3 else ''}")
+        raise CheckpointError(f"{source}: weights do not fit model {model_name!r} ({'; '.join(parts)})")
+    for key, tensor in expected.items():
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{source}: weight {key} has shape {tuple(state_dict[key].shape)}, "
+                f"model {model_name!r} expects {tuple(tensor.shape)}"
+            )
+    model.load_state_dict(state_dict)
+    model.eval()
+    return model
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
+    """Load a checkpoint (ours or a seed-style bare state_dict) into an eval-mode model."""
+    path = Path(path)
+    obj = read_checkpoint(path)
+    if obj.get("format") == FORMAT:
+        if "state_dict" not in obj or "model_name" not in obj:
+            raise CheckpointError(f"{path}: checkpoint is missing its state_dict or model name")
+        name, kwargs = obj["model_name"], dict(obj.get("model_kwargs") or {})
+        meta = {k: v for k, v in obj.items() if k not in ("state_dict", "optimizer", "scheduler", "rng")}
+        state = obj["state_dict"]
+    elif _is_state_dict(obj):
+        # The seed saved only model.state_dict(); its keys are those of our "mlp".
+        name, kwargs, meta, state = "mlp", {}, {"format": "bare-state-dict"}, obj
+    else:
+        raise CheckpointError(f"{path}: not an mnistrec checkpoint nor a state_dict (keys: {', '.join(map(str, list(obj)[:5]))})")
+    try:
+        model = build_model(name, kwargs, state, str(path))
+    except MnistrecError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {exc}") from None
+    return LoadedModel(model, name, kwargs, meta, path)

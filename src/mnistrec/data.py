@@ -1,0 +1,319 @@
+"""MNIST as in-memory tensors: IDX parsing, checksums, download, decoded cache.
+
+No torchvision: the four IDX files are tiny and their format is four lines of
+``struct``. Everything downstream works on whole tensors (``uint8 [N, 28, 28]``
+images, ``int64 [N]`` labels), so training slices batches instead of calling a
+per-sample ``Dataset``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+IMAGE_MAGIC = 0x00000803
+LABEL_MAGIC = 0x00000801
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    name: str  # base name without .gz
+    sha256: str  # of the decompressed bytes
+    size: int  # decompressed size in bytes
+
+
+FILES: dict[str, IdxFile] = {
+    f.name: f
+    for f in (
+        IdxFile("train-images-idx3-ubyte", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 47_040_016),
+        IdxFile("train-labels-idx1-ubyte", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60_008),
+        IdxFile("t10k-images-idx3-ubyte", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 7_840_016),
+        IdxFile("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10_008),
+    )
+}
+SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# Tried in order; the first is PyTorch's own mirror, the last the original site.
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+
+# Bump when the cache layout changes so stale caches are ignored, never misread.
+_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mnistrec"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``--data-dir`` wins, then ``$MNIST_DATA_DIR``, then ``~/.cache/mnistrec/mnist``."""
+    if data_dir:
+        return Path(data_dir)
+    if os.environ.get("MNIST_DATA_DIR"):
+        return Path(os.environ["MNIST_DATA_DIR"])
+    return default_cache_dir() / "mnist"
+
+
+def _find(data_dir: Path, name: str) -> Path:
+    for candidate in (data_dir / f"{name}.gz", data_dir / name):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"{name}(.gz) not found in {data_dir}: run `mnistrec download --data-dir {data_dir}` "
+        "or pass --data-dir / set MNIST_DATA_DIR"
+    )
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+
+
+def parse_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes into a ``uint8`` array of shape ``[N]`` or ``[N, rows, cols]``.
+
+    Raises :class:`DataError` for a wrong magic number, a short header, or a count
+    that disagrees with the payload length.
+    """
+    if len(raw) < 8:
+        raise DataError(f"{source}: truncated IDX header ({len(raw)} bytes)")
+    magic, count = struct.unpack(">II", raw[:8])
+    if magic == LABEL_MAGIC:
+        header, shape = 8, (count,)
+    elif magic == IMAGE_MAGIC:
+        if len(raw) < 16:
+            raise DataError(f"{source}: truncated IDX image header ({len(raw)} bytes)")
+        rows, cols = struct.unpack(">II", raw[8:16])
+        header, shape = 16, (count, rows, cols)
+    else:
+        raise DataError(
+            f"{source}: bad magic number 0x{magic:08x} (expected 0x{IMAGE_MAGIC:08x} for images "
+            f"or 0x{LABEL_MAGIC:08x} for labels)"
+        )
+    expected = int(np.prod(shape))
+    payload = len(raw) - header
+    if payload != expected:
+        kind = "truncated" if payload < expected else "has trailing bytes"
+        raise DataError(f"{source}: {kind}: header says {shape} = {expected} bytes, payload is {payload}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx_file(path: str | os.PathLike, verify: bool = True) -> np.ndarray:
+    """Read one IDX file (gzip or raw); verify its SHA-256 when it is a known MNIST file."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    known = FILES.get(path.name.removesuffix(".gz"))
+    if verify and known is not None:
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest != known.sha256:
+            raise DataError(
+                f"{path}: checksum mismatch (sha256 of the unpacked bytes is {digest[:16]}…, "
+                f"expected {known.sha256[:16]}…); the file is corrupt or not MNIST — delete it and download again"
+            )
+    return parse_idx(raw, str(path))
+
+
+def _cache_key(paths: list[Path]) -> str:
+    h = hashlib.sha256(str(_CACHE_VERSION).encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def load_split(
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    verify: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load ``"train"`` or ``"test"`` as ``(uint8 [N, 28, 28], int64 [N])`` tensors.
+
+    The first load parses and verifies the IDX files, then caches the decoded
+    arrays as ``.npy`` keyed on the source files' path, size and mtime; later
+    loads read the cache (tens of milliseconds). Set ``cache_dir=False``-ish
+    (empty string) to skip the cache.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    directory = resolve_data_dir(data_dir)
+    if not directory.is_dir():
+        raise DataError(
+            f"data directory {directory} does not exist: run `mnistrec download --data-dir {directory}` "
+            "or pass --data-dir / set MNIST_DATA_DIR"
+        )
+    paths = [_find(directory, name) for name in SPLITS[split]]
+
+    cache = None
+    if cache_dir != "":
+        cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "decoded"
+        key = _cache_key(paths)
+        cache = (cache_root / f"{split}-{key}-images.npy", cache_root / f"{split}-{key}-labels.npy")
+        if all(c.is_file() for c in cache):
+            try:
+                images, labels = (np.load(c, allow_pickle=False) for c in cache)
+                if images.ndim == 3 and len(images) == len(labels):
+                    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+            except (OSError, ValueError):
+                pass  # a damaged cache is rebuilt below, never trusted
+
+    images = read_idx_file(paths[0], verify=verify)
+    labels = read_idx_file(paths[1], verify=verify)
+    if images.ndim != 3:
+        raise DataError(f"{paths[0]}: expected an image file (3-D IDX), got shape {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{paths[1]}: expected a label file (1-D IDX), got shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{paths[0].name} has {len(images)} images but {paths[1].name} has {len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{paths[1]}: label {int(labels.max())} is outside 0-9")
+
+    if cache is not None:
+        _write_cache(cache, images, labels)
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def _write_cache(cache: tuple[Path, Path], images: np.ndarray, labels: np.ndarray) -> None:
+    try:
+        cache[0].parent.mkdir(parents=True, exist_ok=True)
+        for target, array in zip(cache, (images, labels)):
+            with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as tmp:
+                np.save(tmp, array, allow_pickle=False)
+            os.replace(tmp.name, target)
+    except OSError:
+        pass  # the cache is an optimisation; a read-only home must not stop training
+
+
+@dataclass
+class MNIST:
+    """The data set as tensors: ``*_images`` are ``uint8 [N, 28, 28]``, ``*_labels`` ``int64 [N]``."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    data_dir: Path
+
+    def checksums(self) -> dict[str, str]:
+        return {name: f.sha256 for name, f in FILES.items()}
+
+
+def load_mnist(
+    data_dir: str | os.PathLike | None = None,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+) -> MNIST:
+    """Load both splits; ``limit_*`` keep the first N examples (for quick runs and tests)."""
+    train_x, train_y = load_split("train", data_dir)
+    test_x, test_y = load_split("test", data_dir)
+    if limit_train:
+        train_x, train_y = train_x[:limit_train], train_y[:limit_train]
+    if limit_test:
+        test_x, test_y = test_x[:limit_test], test_y[:limit_test]
+    return MNIST(train_x, train_y, test_x, test_y, resolve_data_dir(data_dir))
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, 28, 28]`` -> ``float32 [N, 1, 28, 28]`` in [0, 1]; models normalise inside."""
+    return images.unsqueeze(1).float().div_(255.0)
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _fetch(url: str, dest: Path, timeout: float, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "mnistrec"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
+        total = response.headers.get("Content-Length")
+        total = int(total) if total and total.isdigit() else None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
+                  disable=not progress, leave=False) as bar:
+            while chunk := response.read(1 << 16):
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and received != total:
+            raise DataError(f"connection closed after {received} of {total} bytes")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def download(
+    data_dir: str | os.PathLike | None = None,
+    mirrors: tuple[str, ...] | list[str] = MIRRORS,
+    timeout: float = 30.0,
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """Download and verify the four files into ``data_dir``; return the directory.
+
+    Each file goes to a temporary name in the target directory, is verified
+    (gzip, IDX structure and SHA-256), then renamed into place, so an interrupted
+    download never leaves a half-written file under the real name. A mirror that
+    fails — HTTP error, short body, wrong bytes — falls through to the next one,
+    and the reason is logged.
+    """
+    directory = resolve_data_dir(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, info in FILES.items():
+        final = directory / f"{name}.gz"
+        if final.is_file():
+            try:
+                read_idx_file(final)
+                log(f"{final.name}: present and verified")
+                continue
+            except DataError as exc:
+                log(f"{final.name}: {exc}; downloading again")
+        reasons = []
+        for mirror in mirrors:
+            url = mirror.rstrip("/") + f"/{name}.gz"
+            # The ".gz" suffix makes _read_bytes unzip it; the dot prefix hides it from ls.
+            fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part.gz")
+            os.close(fd)
+            tmp = Path(tmp_name)
+            try:
+                _fetch(url, tmp, timeout, progress)
+                raw = _read_bytes(tmp)
+                parse_idx(raw, url)
+                if hashlib.sha256(raw).hexdigest() != info.sha256:
+                    raise DataError("checksum mismatch: the mirror served different bytes")
+                os.replace(tmp, final)
+                log(f"{final.name}: downloaded from {mirror}")
+                break
+            except (urllib.error.URLError, OSError, DataError, ValueError) as exc:
+                reason = getattr(exc, "reason", None) or exc
+                log(f"{name}.gz: {url} failed ({reason}); trying the next mirror")
+                reasons.append(f"{url}: {reason}")
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            raise DataError(f"could not download {name}.gz from any mirror ({'; '.join(reasons)})")
+    return directory

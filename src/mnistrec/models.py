@@ -1,0 +1,127 @@
+"""Model registry: every model is created by name with keyword arguments.
+
+Convention shared by every model here: input is ``float32 [N, 1, 28, 28]`` with
+pixels in [0, 1] (ink = 1), output is ``[N, 10]`` logits. The MNIST
+normalisation ``(x - 0.1307) / 0.3081`` happens *inside* the model, so a
+checkpoint, an ONNX export and the web app all feed the same raw pixels and can
+never disagree about it. The constants are plain attributes, not buffers, so a
+model's ``state_dict`` keys stay exactly those of the seed notebook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import MnistrecError
+
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` with constants that are not saved in the state_dict."""
+
+    def __init__(self, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> None:
+        super().__init__()
+        self.mean, self.std = float(mean), float(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean}, std={self.std}"
+
+
+class SeedMLP(nn.Module):
+    """The seed notebook's ``MNIST_model0``: 784 -> 512 -> 256 -> 10 with ReLU.
+
+    Layer names (``layer_1`` … ``layer_3``) match the seed so its bare
+    ``state_dict`` files load unchanged.
+    """
+
+    def __init__(self, hidden1: int = 512, hidden2: int = 256, num_classes: int = 10) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        self.layer_1 = nn.Linear(28 * 28, hidden1)
+        self.layer_2 = nn.Linear(hidden1, hidden2)
+        self.layer_3 = nn.Linear(hidden2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x).reshape(x.shape[0], 28 * 28)
+        x = torch.relu(self.layer_1(x))
+        x = torch.relu(self.layer_2(x))
+        return self.layer_3(x)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    factory: Callable[..., nn.Module]
+    description: str
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, description: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make ``factory`` available as ``create_model(name, **kwargs)``."""
+
+    def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = ModelSpec(name, factory, description)
+        return factory
+
+    return decorate
+
+
+register_model("mlp", "the seed's MLP 784-512-256-10 with ReLU")(SeedMLP)
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model by name; unknown names list the choices."""
+    if name not in _REGISTRY:
+        raise MnistrecError(f"unknown model {name!r}; choose from: {', '.join(model_names())}")
+    try:
+        return _REGISTRY[name].factory(**kwargs)
+    except TypeError as exc:
+        raise MnistrecError(f"bad arguments for model {name!r}: {exc}") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(model: nn.Module) -> int:
+    """Forward FLOPs for one 28x28 image, counted by PyTorch's own FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28))
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def describe_models() -> list[dict[str, Any]]:
+    """One row per registered model (default arguments): name, parameters, FLOPs, description."""
+    rows = []
+    for name in model_names():
+        model = create_model(name)
+        rows.append(
+            {
+                "name": name,
+                "parameters": count_parameters(model),
+                "flops": flops_per_image(model),
+                "description": _REGISTRY[name].description,
+            }
+        )
+    return rows
