@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import platform
 import tempfile
 import zipfile
@@ -47,7 +48,7 @@ def library_versions() -> dict[str, str]:
 
     return {
         "mnistrec": __version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
@@ -114,10 +115,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        # torch names the offending callable as "Unsupported global: GLOBAL module.name".
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it references {found.group(1)}" if found else "it holds objects that are not plain weights"
         raise CheckpointError(
-            f"{path}: refused to load: the file contains objects that are not plain weights and could run code "
-            f"({first[:200]})"
+            f"{path}: refused to load: {what}, which could run code when unpickled; only plain weights are accepted"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

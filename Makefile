@@ -1,0 +1,56 @@
+# Two commands do all set-up on a fresh machine:
+#   make run   - create .venv, install the pinned dependencies, train the seed recipe
+#   make test  - the same set-up plus the dev tools, then every test
+#
+# torch is installed first and pinned: pip then takes the CPU wheel that lies on
+# disk instead of resolving a multi-GB CUDA build for a looser requirement.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+PIP      := $(PY) -m pip --disable-pip-version-check -q
+TORCH    := torch==2.13.0
+# The shared copy of MNIST on this project's machines; elsewhere the default cache.
+DATA_DIR ?= $(firstword $(wildcard ../shared/datasets/mnist) $(HOME)/.cache/mnistrec/mnist)
+RECIPE   ?= seed
+
+export MNIST_DATA_DIR := $(abspath $(DATA_DIR))
+
+.PHONY: run test setup dev browser data benchmarks clean help
+
+help:
+	@echo "make run    set up .venv and train the '$(RECIPE)' recipe on $(DATA_DIR)"
+	@echo "make test   set up .venv with the dev tools and run every test"
+	@echo "make benchmarks   run the benchmarks (minutes; writes benchmarks/results/*.json)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH)
+	$(PIP) install -e '.[serve,export]'
+	@touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PIP) install -e '.[serve,export,dev]'
+	@touch $@
+
+setup: $(VENV)/.installed
+
+dev: $(VENV)/.dev-installed
+
+data: setup
+	@[ -f "$(DATA_DIR)/train-images-idx3-ubyte.gz" ] || [ -f "$(DATA_DIR)/train-images-idx3-ubyte" ] || \
+		$(PY) -m mnistrec download --data-dir "$(DATA_DIR)"
+
+run: setup data
+	$(PY) -m mnistrec train --recipe $(RECIPE) --data-dir "$(DATA_DIR)" --out runs/$(RECIPE)
+
+test: dev
+	@# pytest exits 5 when it collected no test: that is a failure, never a pass.
+	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+		if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+benchmarks: dev
+	$(PY) benchmarks/bench_seed_pipeline.py --data-dir "$(DATA_DIR)"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

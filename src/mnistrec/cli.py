@@ -1,0 +1,201 @@
+"""Command-line interface: argument parsing only; the work is done by the modules it calls.
+
+Every sub-command is a ``cmd_*`` function taking the parsed arguments and
+returning an exit code. User mistakes (:class:`MnistrecError`) print one line on
+stderr and exit 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import MnistrecError
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", metavar="DIR", help="folder with the four MNIST IDX files, gzip or raw "
+                        "(default: $MNIST_DATA_DIR, else ~/.cache/mnistrec/mnist)")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    # tqdm bars only for a person watching a terminal.
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+# --------------------------------------------------------------------------- train
+
+
+def add_train_parser(sub) -> None:
+    from .train import TrainConfig, recipe_names
+
+    defaults = TrainConfig()
+    p = sub.add_parser("train", help="train a recipe and write a run directory",
+                       description="Train a model. The recipe sets every option; flags override single values.")
+    p.add_argument("--recipe", default="seed", choices=recipe_names(), help="named set of options (default: seed, the original notebook)")
+    _add_data_dir(p)
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory for checkpoints, metrics and pictures (default: runs/<recipe>)")
+    p.add_argument("--save", metavar="PATH", default="mnist_model.pth", help="also copy the trained model here, as the seed did (default: mnist_model.pth; '' to skip)")
+    p.add_argument("--model", help=f"model name, see `mnistrec models` (recipe default; seed: {defaults.model})")
+    p.add_argument("--epochs", type=int, help=f"number of epochs (seed: {defaults.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"examples per step (seed: {defaults.batch_size})")
+    p.add_argument("--lr", type=float, help=f"(peak) learning rate (seed: {defaults.lr})")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="optimizer; sgd uses Nesterov momentum (seed: adam)")
+    p.add_argument("--weight-decay", type=float, help="weight decay on weight matrices and kernels")
+    p.add_argument("--schedule", choices=["none", "onecycle", "cosine"], help="learning-rate schedule, stepped per batch")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing for the cross-entropy loss")
+    p.add_argument("--ema-decay", type=float, help="decay of the weight EMA; 0 disables it")
+    p.add_argument("--augment", help="batched augmentation preset (none, or see the README)")
+    p.add_argument("--val-size", type=int, help="training examples held out for validation; selection uses them, never the test set")
+    p.add_argument("--seed", type=int, help=f"random seed; same seed and machine give the same metrics (default: {defaults.seed})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (default: auto)")
+    p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images (quick runs)")
+    p.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images (quick runs)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch")
+    p.add_argument("--no-plots", action="store_true", help="skip drawing the pictures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .plots import plot_run
+    from .train import copy_model, make_config, train
+
+    overrides = {
+        key: getattr(args, key)
+        for key in ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing",
+                    "ema_decay", "augment", "val_size", "seed", "device", "limit_train", "limit_test")
+    }
+    config = make_config(args.recipe, **overrides)
+    run_dir = Path(args.resume or args.out or Path("runs") / config.recipe)
+    data = load_mnist(args.data_dir)
+    result = train(config, data, run_dir, resume=bool(args.resume), progress=_progress(args))
+    m = result.metrics
+    print(f"Test Loss: {m['loss']:.4f}, Test Acc: {100 * m['accuracy']:.2f}% "
+          f"({m['count'] - m['errors']}/{m['count']}) in {result.seconds:.1f}s")
+    if not args.no_plots:
+        plot_run(run_dir, args.data_dir)
+    if args.save:
+        copy_model(run_dir, args.save)
+    print(f"run directory: {run_dir}" + (f"; model saved to {args.save}" if args.save else ""))
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate / plot / models / download
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="test-set loss, accuracy, per-class precision/recall, confusion matrix")
+    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict)")
+    _add_data_dir(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object; `accuracy` is a fraction in [0, 1]")
+    p.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import load_split
+    from .evaluate import evaluate, format_report
+
+    loaded = load_checkpoint(args.checkpoint)
+    images, labels = load_split("test", args.data_dir)
+    if args.limit_test:
+        images, labels = images[: args.limit_test], labels[: args.limit_test]
+    metrics = evaluate(loaded.model, images, labels)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "model": loaded.model_name, **metrics}))
+    else:
+        print(f"{args.checkpoint} ({loaded.model_name}) on {len(labels)} test images")
+        print(format_report(metrics))
+    return 0
+
+
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="(re)draw the pictures of a run directory")
+    p.add_argument("run_dir", help="a run directory written by `mnistrec train`")
+    _add_data_dir(p)
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    for path in plot_run(args.run_dir, args.data_dir):
+        print(path)
+    return 0
+
+
+def add_models_parser(sub) -> None:
+    p = sub.add_parser("models", help="list the models with parameter counts and FLOPs per image")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import describe_models
+
+    rows = describe_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<14}{'parameters':>12}{'MFLOPs/img':>12}  description")
+    for r in rows:
+        print(f"{r['name']:<14}{r['parameters']:>12,}{r['flops'] / 1e6:>12.2f}  {r['description']}")
+    return 0
+
+
+def add_download_parser(sub) -> None:
+    from .data import MIRRORS
+
+    p = sub.add_parser("download", help="download and verify the MNIST files")
+    _add_data_dir(p)
+    p.add_argument("--mirror", action="append", metavar="URL",
+                   help=f"base URL to try (repeatable; default: {', '.join(MIRRORS)})")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per connection (default: 30)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_download)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data import MIRRORS, download
+
+    directory = download(args.data_dir, tuple(args.mirror or MIRRORS), timeout=args.timeout, progress=_progress(args),
+                         log=lambda message: print(message, file=sys.stderr))
+    print(f"MNIST is ready in {directory}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+PARSERS = [add_train_parser, add_evaluate_parser, add_plot_parser, add_models_parser, add_download_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mnistrec", description="Handwritten-digit recognition with PyTorch.")
+    parser.add_argument("--version", action="version", version=f"mnistrec {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MnistrecError as exc:
+        print(f"mnistrec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `mnistrec ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,120 @@
+"""Matplotlib figures of a run, written as PNG with the Agg backend (no display needed)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never try to open a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def prediction_grid(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, path: Path, columns: int = 8) -> Path:
+    """The seed's picture: test images titled with true and predicted labels; wrong ones in red."""
+    count = len(images)
+    rows = max(1, int(np.ceil(count / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.5 * columns, 1.7 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= count:
+            continue
+        ax.imshow(images[i].reshape(28, 28).numpy(), cmap="gray_r")
+        wrong = int(predictions[i]) != int(labels[i])
+        ax.set_title(f"true {int(labels[i])} / pred {int(predictions[i])}", fontsize=8, color="red" if wrong else "black")
+    fig.suptitle("Test images: true / predicted label (wrong in red)")
+    return _save(fig, path)
+
+
+def training_curves(history: Sequence[dict[str, float]], path: Path) -> Path:
+    """Loss and accuracy per epoch for train and validation/test."""
+    epochs = [int(r["epoch"]) for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val", "test"):
+        if history and f"{split}_loss" in history[0]:
+            ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], marker="o", label=split)
+            ax_acc.plot(epochs, [100 * r[f"{split}_accuracy"] for r in history], marker="o", label=split)
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="%")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def confusion_heatmap(matrix: Sequence[Sequence[int]], path: Path) -> Path:
+    """Confusion matrix as a heat map with counts in the cells."""
+    cm = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    # Log colour scale so the few off-diagonal errors are visible beside the large diagonal.
+    image = ax.imshow(np.log1p(cm), cmap="Blues")
+    for (r, c), value in np.ndenumerate(cm):
+        ax.text(c, r, str(value), ha="center", va="center", fontsize=7,
+                color="white" if np.log1p(value) > np.log1p(cm.max()) / 2 else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit", title="Confusion matrix (test)")
+    fig.colorbar(image, ax=ax, label="log(1 + count)")
+    return _save(fig, path)
+
+
+def confident_mistakes(images: torch.Tensor, labels: torch.Tensor, probabilities: torch.Tensor, path: Path, count: int = 16) -> Path:
+    """The wrongly classified test images the model was most sure about."""
+    predictions = probabilities.argmax(1)
+    wrong = (predictions != labels).nonzero().flatten()
+    confidence = probabilities[wrong, predictions[wrong]]
+    chosen = wrong[confidence.argsort(descending=True)[:count]]
+    columns = 8
+    rows = max(1, int(np.ceil(len(chosen) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.5 * columns, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, chosen.tolist()):
+        ax.imshow(images[i].reshape(28, 28).numpy(), cmap="gray_r")
+        ax.set_title(f"true {int(labels[i])}\npred {int(predictions[i])} {100 * float(probabilities[i, predictions[i]]):.0f}%",
+                     fontsize=8, color="red")
+    if len(chosen) == 0:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle("Most confident mistakes on the test set")
+    return _save(fig, path)
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+
+
+def plot_run(run_dir: str | Path, data_dir: str | Path | None = None, sample_count: int = 32) -> list[Path]:
+    """(Re)draw every picture of a run from its ``model.pth``, ``history.csv`` and the test set."""
+    from .checkpoint import load_checkpoint
+    from .data import load_split
+    from .errors import MnistrecError
+    from .evaluate import metrics_from_logits, predict_logits
+
+    run_dir = Path(run_dir)
+    for needed in ("model.pth", "history.csv"):
+        if not (run_dir / needed).is_file():
+            raise MnistrecError(f"{run_dir} is not a run directory: {needed} is missing")
+    loaded = load_checkpoint(run_dir / "model.pth")
+    images, labels = load_split("test", data_dir)
+    limit = (loaded.meta.get("config") or {}).get("limit_test")
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    logits = predict_logits(loaded.model, images)
+    probabilities = logits.softmax(1)
+    metrics = metrics_from_logits(logits, labels)
+    return [
+        training_curves(read_history(run_dir / "history.csv"), run_dir / "curves.png"),
+        prediction_grid(images[:sample_count], labels[:sample_count], logits[:sample_count].argmax(1), run_dir / "predictions.png"),
+        confusion_heatmap(metrics["confusion_matrix"], run_dir / "confusion.png"),
+        confident_mistakes(images, labels, probabilities, run_dir / "mistakes.png"),
+    ]
