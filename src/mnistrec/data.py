@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
+import math
 import os
-import shutil
 import struct
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,25 +86,40 @@ def _find(data_dir: Path, name: str) -> Path:
     )
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, source: str | None = None) -> bytes:
+    """The file's bytes, unzipped when its name ends in ``.gz``; errors name ``source`` (default: the path)."""
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as fh:
                 return fh.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        # BadGzipFile is an OSError; a truncated gzip stream raises EOFError, damaged deflate data zlib.error.
+        what = "not a valid gzip file" if path.suffix == ".gz" and not isinstance(exc, FileNotFoundError) else "cannot read"
+        raise DataError(f"{source or path}: {what} ({exc})") from None
 
 
-def parse_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
+def _expected_magic(name: str) -> int | None:
+    """The magic number a file must have, judged by its MNIST name (``None`` if unknown)."""
+    if "-images-" in name:
+        return IMAGE_MAGIC
+    if "-labels-" in name:
+        return LABEL_MAGIC
+    return None
+
+
+def parse_idx(raw: bytes, source: str = "<bytes>", expect: int | None = None) -> np.ndarray:
     """Parse IDX bytes into a ``uint8`` array of shape ``[N]`` or ``[N, rows, cols]``.
 
-    Raises :class:`DataError` for a wrong magic number, a short header, or a count
-    that disagrees with the payload length.
+    Raises :class:`DataError` for a wrong magic number (or not the ``expect``-ed
+    one), a short header, or a count that disagrees with the payload length.
     """
     if len(raw) < 8:
         raise DataError(f"{source}: truncated IDX header ({len(raw)} bytes)")
     magic, count = struct.unpack(">II", raw[:8])
+    if expect is not None and magic != expect:
+        kind = "an image" if expect == IMAGE_MAGIC else "a label"
+        raise DataError(f"{source}: bad magic number 0x{magic:08x} (expected 0x{expect:08x} for {kind} file)")
     if magic == LABEL_MAGIC:
         header, shape = 8, (count,)
     elif magic == IMAGE_MAGIC:
@@ -115,7 +132,7 @@ def parse_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
             f"{source}: bad magic number 0x{magic:08x} (expected 0x{IMAGE_MAGIC:08x} for images "
             f"or 0x{LABEL_MAGIC:08x} for labels)"
         )
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)  # Python ints: a garbage header must not overflow
     payload = len(raw) - header
     if payload != expected:
         kind = "truncated" if payload < expected else "has trailing bytes"
@@ -124,22 +141,32 @@ def parse_idx(raw: bytes, source: str = "<bytes>") -> np.ndarray:
 
 
 def read_idx_file(path: str | os.PathLike, verify: bool = True) -> np.ndarray:
-    """Read one IDX file (gzip or raw); verify its SHA-256 when it is a known MNIST file."""
+    """Read one IDX file (gzip or raw); verify its SHA-256 when it is a known MNIST file.
+
+    The structure is checked first, so a truncated or mislabelled file is named as
+    such; the checksum then catches any damage the structure cannot show.
+    """
     path = Path(path)
     raw = _read_bytes(path)
+    array = parse_idx(raw, str(path), _expected_magic(path.name))
     known = FILES.get(path.name.removesuffix(".gz"))
     if verify and known is not None:
-        digest = hashlib.sha256(raw).hexdigest()
-        if digest != known.sha256:
-            raise DataError(
-                f"{path}: checksum mismatch (sha256 of the unpacked bytes is {digest[:16]}…, "
-                f"expected {known.sha256[:16]}…); the file is corrupt or not MNIST — delete it and download again"
-            )
-    return parse_idx(raw, str(path))
+        _check_sha256(raw, known, str(path))
+    return array
 
 
-def _cache_key(paths: list[Path]) -> str:
-    h = hashlib.sha256(str(_CACHE_VERSION).encode())
+def _check_sha256(raw: bytes, known: IdxFile, source: str) -> None:
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != known.sha256:
+        raise DataError(
+            f"{source}: checksum mismatch (sha256 of the unpacked bytes is {digest[:16]}…, "
+            f"expected {known.sha256[:16]}…); the file is corrupt or not MNIST: delete it and download again"
+        )
+
+
+def _cache_key(paths: list[Path], verify: bool) -> str:
+    # An unverified load must never be served later to a caller who asked for verification.
+    h = hashlib.sha256(f"{_CACHE_VERSION}|{verify}".encode())
     for p in paths:
         st = p.stat()
         h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -172,26 +199,31 @@ def load_split(
     cache = None
     if cache_dir != "":
         cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "decoded"
-        key = _cache_key(paths)
+        key = _cache_key(paths, verify)
         cache = (cache_root / f"{split}-{key}-images.npy", cache_root / f"{split}-{key}-labels.npy")
         if all(c.is_file() for c in cache):
             try:
                 images, labels = (np.load(c, allow_pickle=False) for c in cache)
-                if images.ndim == 3 and len(images) == len(labels):
+                if (images.dtype == np.uint8 and images.shape[1:] == (28, 28) and labels.dtype == np.uint8
+                        and labels.shape == images.shape[:1]):
                     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
-            except (OSError, ValueError):
+            except (OSError, ValueError, EOFError):
                 pass  # a damaged cache is rebuilt below, never trusted
 
-    images = read_idx_file(paths[0], verify=verify)
-    labels = read_idx_file(paths[1], verify=verify)
-    if images.ndim != 3:
-        raise DataError(f"{paths[0]}: expected an image file (3-D IDX), got shape {images.shape}")
-    if labels.ndim != 1:
-        raise DataError(f"{paths[1]}: expected a label file (1-D IDX), got shape {labels.shape}")
+    # Structure and content first, checksums last: the message then says what is wrong
+    # (truncated, 9,999 labels, label 12) rather than only that the bytes differ.
+    raw_images, raw_labels = _read_bytes(paths[0]), _read_bytes(paths[1])
+    images = parse_idx(raw_images, str(paths[0]), IMAGE_MAGIC)
+    labels = parse_idx(raw_labels, str(paths[1]), LABEL_MAGIC)
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{paths[0]}: expected 28x28 images, got {images.shape[1]}x{images.shape[2]}")
     if len(images) != len(labels):
-        raise DataError(f"{paths[0].name} has {len(images)} images but {paths[1].name} has {len(labels)} labels")
+        raise DataError(f"{paths[1]}: {len(labels)} labels, but {paths[0].name} holds {len(images)} images")
     if labels.size and labels.max() > 9:
         raise DataError(f"{paths[1]}: label {int(labels.max())} is outside 0-9")
+    if verify:
+        for path, raw in zip(paths, (raw_images, raw_labels)):
+            _check_sha256(raw, FILES[path.name.removesuffix(".gz")], str(path))
 
     if cache is not None:
         _write_cache(cache, images, labels)
@@ -266,6 +298,15 @@ def _fetch(url: str, dest: Path, timeout: float, progress: bool) -> None:
         os.fsync(out.fileno())
 
 
+def _failure_reason(exc: BaseException) -> str:
+    """A short reason for a failed fetch: "HTTP 404 Not Found", "timed out", the DataError text."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason)
+    return str(exc) or type(exc).__name__
+
+
 def download(
     data_dir: str | os.PathLike | None = None,
     mirrors: tuple[str, ...] | list[str] = MIRRORS,
@@ -282,34 +323,41 @@ def download(
     and the reason is logged.
     """
     directory = resolve_data_dir(data_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create data directory {directory}: {exc.strerror or exc}") from None
     for name, info in FILES.items():
         final = directory / f"{name}.gz"
-        if final.is_file():
+        present = [p for p in (final, directory / name) if p.is_file()]
+        if present:
             try:
-                read_idx_file(final)
-                log(f"{final.name}: present and verified")
+                read_idx_file(present[0])
+                log(f"{present[0].name}: present and verified")
                 continue
             except DataError as exc:
-                log(f"{final.name}: {exc}; downloading again")
+                log(f"{exc}; downloading again")
         reasons = []
         for mirror in mirrors:
             url = mirror.rstrip("/") + f"/{name}.gz"
             # The ".gz" suffix makes _read_bytes unzip it; the dot prefix hides it from ls.
-            fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part.gz")
+            try:
+                fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part.gz")
+            except OSError as exc:
+                raise DataError(f"cannot write in {directory}: {exc.strerror or exc}") from None
             os.close(fd)
             tmp = Path(tmp_name)
             try:
                 _fetch(url, tmp, timeout, progress)
-                raw = _read_bytes(tmp)
-                parse_idx(raw, url)
+                raw = _read_bytes(tmp, "the response")
+                parse_idx(raw, "the response", _expected_magic(name))
                 if hashlib.sha256(raw).hexdigest() != info.sha256:
                     raise DataError("checksum mismatch: the mirror served different bytes")
                 os.replace(tmp, final)
                 log(f"{final.name}: downloaded from {mirror}")
                 break
-            except (urllib.error.URLError, OSError, DataError, ValueError) as exc:
-                reason = getattr(exc, "reason", None) or exc
+            except (OSError, DataError, ValueError, http.client.HTTPException) as exc:
+                reason = _failure_reason(exc)
                 log(f"{name}.gz: {url} failed ({reason}); trying the next mirror")
                 reasons.append(f"{url}: {reason}")
             finally:
