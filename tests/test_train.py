@@ -1,0 +1,46 @@
+"""Training: the seed recipe is the seed's, runs are reproducible, and a tiny run learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnistrec.errors import MnistrecError
+from mnistrec.models import SeedMLP
+from mnistrec.train import make_config, train
+
+
+def _run(mnist, seed: int, lines: list[str] | None = None):
+    config = make_config("seed", epochs=1, limit_train=2000, limit_test=500, seed=seed)
+    return train(config, mnist, None, progress=False, log=(lines.append if lines is not None else lambda _: None))
+
+
+def test_seed_recipe_is_the_seed_notebook():
+    c = make_config("seed")
+    assert (c.model, c.epochs, c.batch_size, c.optimizer, c.lr) == ("mlp", 5, 64, "adam", 1e-3)
+    assert (c.weight_decay, c.schedule, c.label_smoothing, c.ema_decay, c.augment, c.val_size) == (0.0, "none", 0.0, 0.0, "none", 0)
+    model = SeedMLP()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {"layer_1.weight": (512, 784), "layer_1.bias": (512,), "layer_2.weight": (256, 512),
+                      "layer_2.bias": (256,), "layer_3.weight": (10, 256), "layer_3.bias": (10,)}
+    # Normalisation inside the model: a pixel at the MNIST mean maps to 0.
+    assert float(model.normalize(torch.full((1,), 0.1307))) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(MnistrecError, match="unknown recipe"):
+        make_config("nope")
+
+
+def test_same_seed_same_weights_and_metrics_different_seed_differs(mnist):
+    lines: list[str] = []
+    first, second, other = _run(mnist, 7, lines), _run(mnist, 7), _run(mnist, 8)
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key]), key
+    strip = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
+    assert strip(first.history) == strip(second.history)
+    assert first.metrics == second.metrics
+
+    assert not torch.equal(first.model.layer_1.weight, other.model.layer_1.weight)
+    assert strip(first.history) != strip(other.history)
+
+    # A tiny run (2,000 images, one epoch) learns far above chance (10%).
+    assert first.metrics["accuracy"] > 0.7 and other.metrics["accuracy"] > 0.7
+    assert lines and lines[0].startswith("Epoch 1/1, Train Loss: ")
