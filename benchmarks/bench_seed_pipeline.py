@@ -1,0 +1,199 @@
+"""Seed-style pipeline versus ours: same data, same recipe, same epochs, one process, one run.
+
+The seed read MNIST through torchvision: a per-sample ``Dataset`` whose
+``__getitem__`` builds a PIL image and runs ``ToTensor`` + ``Normalize`` on it,
+batched by a ``DataLoader`` (batch 64, shuffled), with the classic loop that calls
+``loss.item()`` every step and measures the test set after every epoch. That is
+emulated here without torchvision, line for line. Ours is ``mnistrec.train.train``
+with the seed recipe: the whole set is one in-memory tensor and batches are sliced
+from it. Both start from data already in memory (decoding the files is excluded)
+and both evaluate the test set after every epoch.
+
+Usage: ``python benchmarks/bench_seed_pipeline.py [--epochs 5] [--data-dir DIR]``
+(or ``make benchmarks``). Writes ``benchmarks/results/seed_pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import mnistrec  # noqa: F401
+except ImportError:  # a plain checkout: use the source tree
+    sys.path.insert(0, str(ROOT / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from mnistrec.data import load_mnist  # noqa: E402
+from mnistrec.models import MNIST_MEAN, MNIST_STD  # noqa: E402
+from mnistrec.train import make_config, train  # noqa: E402
+
+TARGET_RATIO = 0.35
+
+
+class SeedStyleMNIST(Dataset):
+    """``torchvision.datasets.MNIST(transform=Compose([ToTensor(), Normalize((0.1307,), (0.3081,))]))``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        # torchvision's MNIST.__getitem__: a PIL image per sample...
+        image, target = self.images[index], int(self.labels[index])
+        image = Image.fromarray(image.numpy(), mode="L")
+        # ...ToTensor: PIL -> HWC uint8 -> CHW float in [0, 1]...
+        x = torch.from_numpy(np.array(image, np.uint8, copy=True)).view(28, 28, 1).permute(2, 0, 1).contiguous()
+        x = x.to(torch.float32).div(255)
+        # ...Normalize.
+        x = (x - MNIST_MEAN) / MNIST_STD
+        return x, target
+
+
+class SeedModel(nn.Module):
+    """The seed's ``MNIST_model0``: inputs arrive normalised from the transform."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.layer_1 = nn.Linear(28 * 28, 512)
+        self.layer_2 = nn.Linear(512, 256)
+        self.layer_3 = nn.Linear(256, 10)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(x)
+        x = self.relu(self.layer_1(x))
+        x = self.relu(self.layer_2(x))
+        return self.layer_3(x)
+
+
+def run_seed_style(data, epochs: int, seed: int) -> dict:
+    """The seed notebook's loop over DataLoaders, timed from model creation to the last test pass."""
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    train_loader = DataLoader(SeedStyleMNIST(data.train_images, data.train_labels), batch_size=64, shuffle=True)
+    test_loader = DataLoader(SeedStyleMNIST(data.test_images, data.test_labels), batch_size=64, shuffle=False)
+    model = SeedModel()
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    for epoch in range(epochs):
+        model.train()
+        running_loss, correct, total = 0.0, 0, 0
+        for images, labels in train_loader:
+            optimizer.zero_grad()
+            outputs = model(images)
+            loss = criterion(outputs, labels)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            _, predicted = torch.max(outputs.data, 1)
+            total += labels.size(0)
+            correct += (predicted == labels).sum().item()
+        train_loss, train_acc = running_loss / len(train_loader), correct / total
+        model.eval()
+        test_loss, test_correct, test_total = 0.0, 0, 0
+        with torch.no_grad():
+            for images, labels in test_loader:
+                outputs = model(images)
+                test_loss += criterion(outputs, labels).item()
+                _, predicted = torch.max(outputs.data, 1)
+                test_total += labels.size(0)
+                test_correct += (predicted == labels).sum().item()
+        test_acc = test_correct / test_total
+        print(f"  seed-style epoch {epoch + 1}/{epochs}: train {100 * train_acc:.2f}%, test {100 * test_acc:.2f}% "
+              f"({time.perf_counter() - start:.1f}s)", flush=True)
+    return {"seconds": time.perf_counter() - start, "train_accuracy": train_acc, "test_accuracy": test_acc}
+
+
+def run_ours(data, epochs: int, seed: int) -> dict:
+    config = make_config("seed", epochs=epochs, seed=seed)
+    result = train(config, data, None, progress=False, log=lambda line: print(f"  ours {line}", flush=True))
+    return {"seconds": result.seconds, "train_accuracy": result.history[-1]["train_accuracy"],
+            "test_accuracy": result.metrics["accuracy"]}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", help="MNIST directory (default: $MNIST_DATA_DIR, else ~/.cache/mnistrec/mnist)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs for both pipelines (default: 5, the seed's)")
+    parser.add_argument("--seed", type=int, default=42, help="random seed for both (default: 42)")
+    parser.add_argument("--limit-train", type=int, help="use only the first N training images (a quick check, not a result)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "seed_pipeline.json"), help="JSON result path")
+    parser.add_argument("--note", default="", help="free text stored in the JSON, e.g. how loaded the machine was")
+    args = parser.parse_args(argv)
+
+    data = load_mnist(args.data_dir, limit_train=args.limit_train)
+    print(f"{len(data.train_labels)} training / {len(data.test_labels)} test images, {args.epochs} epochs, "
+          f"{torch.get_num_threads()} torch threads", flush=True)
+    load_before = os.getloadavg()
+    seed_style = run_seed_style(data, args.epochs, args.seed)
+    load_between = os.getloadavg()
+    ours = run_ours(data, args.epochs, args.seed)
+    load_after = os.getloadavg()
+    ratio = ours["seconds"] / seed_style["seconds"]
+
+    result = {
+        "benchmark": "seed_pipeline",
+        "what": "seed recipe (MLP, Adam 1e-3, batch 64, test pass every epoch): seed-style per-sample "
+                "Dataset+PIL+ToTensor/Normalize+DataLoader versus mnistrec.train (in-memory tensor, sliced batches)",
+        "epochs": args.epochs,
+        "train_images": len(data.train_labels),
+        "test_images": len(data.test_labels),
+        "seed": args.seed,
+        "seed_style": seed_style,
+        "ours": ours,
+        "ratio_ours_over_seed_style": round(ratio, 4),
+        "target_ratio": TARGET_RATIO,
+        "meets_target": ratio <= TARGET_RATIO,
+        "machine": machine(),
+        "load_average_1min": {"before": load_before[0], "between": load_between[0], "after": load_after[0]},
+        "shared_machine": True,
+        "note": args.note or "the machine's 2 cores were shared with other jobs during the run; see load_average_1min",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"seed-style: {seed_style['seconds']:.1f}s, test {100 * seed_style['test_accuracy']:.2f}%")
+    print(f"ours:       {ours['seconds']:.1f}s, test {100 * ours['test_accuracy']:.2f}%")
+    print(f"ratio ours / seed-style: {ratio:.3f} (target <= {TARGET_RATIO}) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
