@@ -154,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5, help="epochs for both pipelines (default: 5, the seed's)")
     parser.add_argument("--seed", type=int, default=42, help="random seed for both (default: 42)")
     parser.add_argument("--limit-train", type=int, help="use only the first N training images (a quick check, not a result)")
+    parser.add_argument("--limit-test", type=int, help="use only the first N test images (a quick check, not a result)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "seed_pipeline.json"), help="JSON result path")
     parser.add_argument("--note", default="", help="free text stored in the JSON, e.g. how loaded the machine was")
     args = parser.parse_args(argv)
 
-    data = load_mnist(args.data_dir, limit_train=args.limit_train)
+    data = load_mnist(args.data_dir, limit_train=args.limit_train, limit_test=args.limit_test)
     print(f"{len(data.train_labels)} training / {len(data.test_labels)} test images, {args.epochs} epochs, "
           f"{torch.get_num_threads()} torch threads", flush=True)
     load_before = os.getloadavg()
