@@ -10,6 +10,7 @@ never leaves a half-written file under the real name.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -55,28 +56,34 @@ def library_versions() -> dict[str, str]:
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename.
+    """Call ``write(fileobj)``, then put the bytes at ``path`` atomically: temporary file, fsync, rename.
 
-    The previous file at ``path`` stays intact until the new one is complete.
+    The previous file at ``path`` stays intact (byte for byte) until the new one is
+    complete; a full disk, a read-only directory or a crash leaves no partial file.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
+    # Serialise to memory first: torch.save reports a failing file write as an opaque
+    # RuntimeError ("unexpected pos ..."), so the disk is only touched by our own
+    # write() below, whose OSError (ENOSPC, EFBIG, EROFS, EACCES) we turn into one line.
+    buffer = io.BytesIO()
+    write(buffer)
+    tmp = None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise MnistrecError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus the umask).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
-            write(fh)
+            fh.write(buffer.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise MnistrecError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise MnistrecError(f"cannot write {path}: {exc.strerror or exc}; any previous file there is unchanged") from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -86,6 +93,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def checkpoint_dict(model_name: str, model_kwargs: dict[str, Any], model: nn.Module, **meta: Any) -> dict[str, Any]:

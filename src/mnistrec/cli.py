@@ -36,7 +36,7 @@ def add_train_parser(sub) -> None:
     defaults = TrainConfig()
     p = sub.add_parser("train", help="train a recipe and write a run directory",
                        description="Train a model. The recipe sets every option; flags override single values.")
-    p.add_argument("--recipe", default="seed", choices=recipe_names(), help="named set of options (default: seed, the original notebook)")
+    p.add_argument("--recipe", choices=recipe_names(), help="named set of options (default: seed, the original notebook)")
     _add_data_dir(p)
     p.add_argument("--out", metavar="RUN_DIR", help="run directory for checkpoints, metrics and pictures (default: runs/<recipe>)")
     p.add_argument("--save", metavar="PATH", default="mnist_model.pth", help="also copy the trained model here, as the seed did (default: mnist_model.pth; '' to skip)")
@@ -55,7 +55,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (default: auto)")
     p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images (quick runs)")
     p.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images (quick runs)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last completed epoch")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run where it stopped, with the options it was "
+                   "started with (bit-exact: same final weights as an uninterrupted run)")
     p.add_argument("--no-plots", action="store_true", help="skip drawing the pictures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -64,14 +65,17 @@ def add_train_parser(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .plots import plot_run
-    from .train import copy_model, make_config, train
+    from .train import copy_model, make_config, resume_config, train
 
     overrides = {
         key: getattr(args, key)
         for key in ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing",
                     "ema_decay", "augment", "val_size", "seed", "device", "limit_train", "limit_test")
     }
-    config = make_config(args.recipe, **overrides)
+    if args.resume:
+        config = resume_config(args.resume, recipe=args.recipe, **overrides)
+    else:
+        config = make_config(args.recipe or "seed", **overrides)
     run_dir = Path(args.resume or args.out or Path("runs") / config.recipe)
     data = load_mnist(args.data_dir)
     result = train(config, data, run_dir, resume=bool(args.resume), progress=_progress(args))

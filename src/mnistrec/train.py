@@ -18,6 +18,8 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from torch import nn
 
 from .checkpoint import atomic_write, checkpoint_dict, library_versions, read_checkpoint, save_checkpoint
 from .data import MNIST, to_float
-from .errors import MnistrecError
+from .errors import CheckpointError, MnistrecError
 from .evaluate import evaluate
 from .models import create_model
 
@@ -257,24 +259,29 @@ def train(
     first_epoch = 0
 
     state_path = run_dir / "last.pth" if run_dir else None
+    partial = None  # where an interrupted epoch stopped: step, data order, running sums
     if resume:
         if state_path is None or not state_path.is_file():
             raise MnistrecError(f"nothing to resume: {state_path or 'no run directory'} does not exist")
         state = read_checkpoint(state_path)
-        if state.get("config") != _comparable(config):
-            raise MnistrecError(f"{state_path}: the run was started with different options; resume with the same ones")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        _set_rng_state(state["rng"], generators)
-        history = list(state["history"])
-        first_epoch = int(state["epoch"])
-        log(f"resuming {run_dir} after epoch {first_epoch}/{config.epochs}")
+        _check_same_options(state_path, state.get("config"), _comparable(config))
+        try:
+            model.load_state_dict(state["state_dict"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            _set_rng_state(state["rng"], generators)
+            history = list(state["history"])
+            first_epoch = int(state["epoch"])
+            partial = state.get("partial")
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{state_path}: not a complete training state ({type(exc).__name__}: {str(exc)[:120]})") from None
+        at = f", step {int(partial['step'])}/{steps_per_epoch} of epoch {first_epoch + 1}" if partial else ""
+        log(f"resuming {run_dir} after epoch {first_epoch}/{config.epochs}{at}")
 
-    def save_state(epoch: int) -> None:
+    def save_state(epoch: int, partial: dict[str, Any] | None = None) -> None:
         if state_path is None:
             return
         payload = checkpoint_dict(
@@ -286,57 +293,74 @@ def train(
             ema=ema.state_dict() if ema is not None else None,
             rng=_rng_state(generators),
             epoch=epoch,
+            partial=partial,
             history=history,
             config=_comparable(config),
         )
         atomic_write(state_path, lambda fh: torch.save(payload, fh))
 
     show_bar = progress
+    # Ctrl-C only sets a flag; the loop saves at the next step boundary, where
+    # weights, optimiser, scheduler, EMA and RNGs agree, so resuming stays bit-exact.
+    stop = _StopRequest(enabled=state_path is not None)
+    saved_at = None
     try:
-        for epoch in range(first_epoch, config.epochs):
-            model.train()
-            order = torch.randperm(n, generator=shuffle_gen).to(device)
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            correct = torch.zeros((), device=device, dtype=torch.int64)
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_bar, leave=False, unit="batch")
-            for step in bar:
-                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-                x, y = train_x[idx], train_y[idx]
-                if augmenter is not None:
-                    x = augmenter(x, augment_gen)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-                if not torch.isfinite(loss):
-                    lr_now = optimizer.param_groups[0]["lr"]
-                    raise NonFiniteLoss(
-                        f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} with learning rate {lr_now:.3g}; "
-                        f"lower --lr{' (the last good checkpoint is ' + str(state_path) + ')' if state_path and state_path.exists() else ''}"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-            row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n,
-                   "lr": optimizer.param_groups[0]["lr"]}
-            eval_model = ema.module if ema is not None else model
-            if split.val_x is not None:
-                val = evaluate(eval_model, split.val_x, split.val_y, config.eval_batch_size, device)
-                row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            else:
-                test = evaluate(eval_model, test_x, test_y, config.eval_batch_size, device)
-                row.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-            row["seconds"] = time.perf_counter() - start_time
-            history.append(row)
-            log(format_epoch(row, config.epochs))
-            save_state(epoch + 1)
+        with stop:
+            for epoch in range(first_epoch, config.epochs):
+                model.train()
+                if partial:  # continue the epoch an earlier Ctrl-C stopped, with its data order
+                    start, order = int(partial["step"]), partial["order"].to(device)
+                    loss_sum, correct = partial["loss_sum"].to(device), partial["correct"].to(device)
+                    partial = None
+                else:
+                    start, order = 0, torch.randperm(n, generator=shuffle_gen).to(device)
+                    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+                    correct = torch.zeros((), device=device, dtype=torch.int64)
+                bar = tqdm(range(start, steps_per_epoch), initial=start, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                           disable=not show_bar, leave=False, unit="batch")
+                for step in bar:
+                    if stop.requested:
+                        save_state(epoch, {"step": step, "order": order.cpu(), "loss_sum": loss_sum.cpu(), "correct": correct.cpu()})
+                        saved_at = f"epoch {epoch + 1}, step {step}/{steps_per_epoch}"
+                        raise KeyboardInterrupt
+                    idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+                    x, y = train_x[idx], train_y[idx]
+                    if augmenter is not None:
+                        x = augmenter(x, augment_gen)
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                    if not torch.isfinite(loss):
+                        raise _non_finite(f"loss became {float(loss)}", epoch, step, optimizer, state_path)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
+                    loss_sum += loss.detach() * len(y)
+                    correct += (logits.argmax(1) == y).sum()
+                # The last step can overflow the weights with a finite loss; never checkpoint those.
+                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    raise _non_finite("weights became non-finite", epoch, steps_per_epoch - 1, optimizer, state_path)
+                row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n,
+                       "lr": optimizer.param_groups[0]["lr"]}
+                eval_model = ema.module if ema is not None else model
+                if split.val_x is not None:
+                    val = evaluate(eval_model, split.val_x, split.val_y, config.eval_batch_size, device)
+                    row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                else:
+                    test = evaluate(eval_model, test_x, test_y, config.eval_batch_size, device)
+                    row.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+                row["seconds"] = time.perf_counter() - start_time
+                history.append(row)
+                log(format_epoch(row, config.epochs))
+                save_state(epoch + 1)
+                saved_at = f"epoch {epoch + 1}"
     except KeyboardInterrupt:
-        if state_path is not None and state_path.exists():
-            log(f"\ninterrupted; the last completed epoch is saved. Resume with: mnistrec train --resume {run_dir}")
+        if saved_at is not None or (resume and state_path is not None and state_path.exists()):
+            where = f" (saved at {saved_at})" if saved_at else ""
+            log(f"\ninterrupted{where}; resume with: mnistrec train --resume {run_dir}")
         else:
             log("\ninterrupted before the first epoch finished; nothing to resume")
         raise
@@ -349,6 +373,65 @@ def train(
     if run_dir:
         write_run(result, data)
     return result
+
+
+def _non_finite(what: str, epoch: int, step: int, optimizer: torch.optim.Optimizer, state_path: Path | None) -> NonFiniteLoss:
+    lr_now = optimizer.param_groups[0]["lr"]
+    kept = f"; the last good checkpoint {state_path} is kept" if state_path is not None and state_path.exists() else ""
+    return NonFiniteLoss(f"{what} at epoch {epoch + 1}, step {step + 1} with learning rate {lr_now:.3g}; lower --lr{kept}")
+
+
+class _StopRequest:
+    """SIGINT handler for the training loop: the first Ctrl-C asks the loop to save and
+    stop at the next step; a second one interrupts at once. Only installed in the main
+    thread (Python's rule) and only when there is a run directory to save into."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequest":
+        if self._enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _check_same_options(state_path: Path, saved: Any, now: dict[str, Any]) -> None:
+    if saved == now:
+        return
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{state_path}: holds no training options; not an mnistrec training state")
+    differ = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in now if saved.get(k) != now.get(k)]
+    raise MnistrecError(f"{state_path}: the run was started with other options: {', '.join(differ[:4])}; "
+                        "resume with the same ones (or no option flags at all)")
+
+
+def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
+    """The config a run in ``run_dir`` was started with (from its ``last.pth``), so that
+    ``mnistrec train --resume RUN_DIR`` needs no other flag. Non-``None`` ``overrides``
+    replace saved values; :func:`train` then refuses any that change the weights
+    (all but ``device``)."""
+    state_path = Path(run_dir) / "last.pth"
+    if not state_path.is_file():
+        raise MnistrecError(f"nothing to resume: {state_path} does not exist")
+    saved = read_checkpoint(state_path).get("config")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved, dict) or not set(saved) <= known or "recipe" not in saved:
+        raise CheckpointError(f"{state_path}: holds no training options; not an mnistrec training state")
+    recipe = overrides.pop("recipe", None) or saved["recipe"]
+    values = {k: v for k, v in saved.items() if k != "recipe"}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return make_config(recipe, **values)
 
 
 def _comparable(config: TrainConfig) -> dict[str, Any]:
