@@ -118,7 +118,7 @@ class VGGCNN(nn.Module):
     99.7%+ alone with augmentation.
     """
 
-    def __init__(self, width: int = 32, dropout: float = 0.2, num_classes: int = 10) -> None:
+    def __init__(self, width: int = 16, dropout: float = 0.2, num_classes: int = 10) -> None:
         super().__init__()
         self.normalize = Normalize()
         w = width
@@ -138,7 +138,7 @@ class VGGCNN(nn.Module):
 
 
 register_model("cnn-small", "small fast CNN: 3 conv-BN-ReLU-pool blocks, 16-32-64 channels")(SmallCNN)
-register_model("cnn-vgg", "VGG-style CNN with BatchNorm: 5 convs 32-32-64-64-128, avg+max pooling, dropout")(VGGCNN)
+register_model("cnn-vgg", "VGG-style CNN with BatchNorm: 5 convs 16-16-32-32-64, avg+max pooling, dropout")(VGGCNN)
 
 
 def model_names() -> list[str]:
