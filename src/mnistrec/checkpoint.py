@@ -67,9 +67,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     # RuntimeError ("unexpected pos ..."), so the disk is only touched by our own
     # write() below, whose OSError (ENOSPC, EFBIG, EROFS, EACCES) we turn into one line.
     buffer = io.BytesIO()
-    write(buffer)
     tmp = None
     try:
+        write(buffer)
         directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
         # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus the umask).

@@ -49,8 +49,19 @@ def add_train_parser(sub) -> None:
     p.add_argument("--schedule", choices=["none", "onecycle", "cosine"], help="learning-rate schedule, stepped per batch")
     p.add_argument("--label-smoothing", type=float, help="label smoothing for the cross-entropy loss")
     p.add_argument("--ema-decay", type=float, help="decay of the weight EMA; 0 disables it")
-    p.add_argument("--augment", help="batched augmentation preset (none, or see the README)")
+    p.add_argument("--augment", metavar="PRESET", help="batched augmentation preset: none, shift, affine, affine+elastic "
+                   "(see the README)")
     p.add_argument("--val-size", type=int, help="training examples held out for validation; selection uses them, never the test set")
+    p.add_argument("--early-stop", type=int, metavar="EPOCHS", help="stop after this many epochs without a better "
+                   "validation accuracy (needs --val-size); the best validation epoch is kept either way")
+    p.add_argument("--final", action="store_true", help="choose the epoch count on the validation split, then retrain on "
+                   "all training images with it (RUN_DIR/selection holds the selection run)")
+    p.add_argument("--ensemble-size", type=int, metavar="N", help="train N models with seeds SEED, SEED+1, ... and "
+                   "report each and their averaged softmax (ensemble recipe: 3)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="ensembles: also report test-time augmentation over 1-pixel shifted views")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice; "
+                   "1 is faster on a busy machine)")
     p.add_argument("--seed", type=int, help=f"random seed; same seed and machine give the same metrics (default: {defaults.seed})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (default: auto)")
     p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images (quick runs)")
@@ -65,12 +76,13 @@ def add_train_parser(sub) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .plots import plot_run
-    from .train import copy_model, make_config, resume_config, train
+    from .train import copy_model, make_config, resume_config, train, train_ensemble, train_final
 
     overrides = {
         key: getattr(args, key)
         for key in ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing",
-                    "ema_decay", "augment", "val_size", "seed", "device", "limit_train", "limit_test")
+                    "ema_decay", "augment", "val_size", "seed", "device", "limit_train", "limit_test", "early_stop",
+                    "ensemble_size", "tta", "threads")
     }
     if args.resume:
         config = resume_config(args.resume, recipe=args.recipe, **overrides)
@@ -78,7 +90,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = make_config(args.recipe or "seed", **overrides)
     run_dir = Path(args.resume or args.out or Path("runs") / config.recipe)
     data = load_mnist(args.data_dir)
-    result = train(config, data, run_dir, resume=bool(args.resume), progress=_progress(args))
+    if config.ensemble_size > 1:
+        ensemble = train_ensemble(config, data, run_dir, resume=bool(args.resume), progress=_progress(args),
+                                  final=args.final)
+        m = ensemble.metrics["ensemble"]
+        print(f"Ensemble of {config.ensemble_size}: Test Loss: {m['loss']:.4f}, Test Acc: {100 * m['accuracy']:.2f}% "
+              f"({m['count'] - m['errors']}/{m['count']}) in {ensemble.seconds:.1f}s")
+        if "ensemble_tta" in ensemble.metrics:
+            print(f"Ensemble + TTA: Test Acc: {100 * ensemble.metrics['ensemble_tta']['accuracy']:.2f}%")
+        if args.save:
+            copy_model(run_dir, args.save)
+        print(f"run directory: {run_dir} (members in {run_dir}/member*)" + (f"; model saved to {args.save}" if args.save else ""))
+        return 0
+    trainer = train_final if args.final else train
+    result = trainer(config, data, run_dir, resume=bool(args.resume), progress=_progress(args))
     m = result.metrics
     print(f"Test Loss: {m['loss']:.4f}, Test Acc: {100 * m['accuracy']:.2f}% "
           f"({m['count'] - m['errors']}/{m['count']}) in {result.seconds:.1f}s")

@@ -80,6 +80,67 @@ def register_model(name: str, description: str) -> Callable[[Callable[..., nn.Mo
 register_model("mlp", "the seed's MLP 784-512-256-10 with ReLU")(SeedMLP)
 
 
+def _conv_bn(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
+    """Conv (no bias: BatchNorm has one) -> BatchNorm -> ReLU, size-preserving."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class SmallCNN(nn.Module):
+    """A small fast CNN: three conv-BN-ReLU-maxpool blocks (28 -> 14 -> 7 -> 3) and one linear layer.
+
+    Sized for a 2-core CPU: about 3 MFLOPs per image, so an epoch of 60,000
+    images takes seconds, yet with augmentation it passes 99.5%.
+    """
+
+    def __init__(self, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(1, w, 5), nn.MaxPool2d(2),  # 14x14
+            _conv_bn(w, 2 * w), nn.MaxPool2d(2),  # 7x7
+            _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),  # 3x3
+        )
+        self.classifier = nn.Linear(4 * w * 3 * 3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.normalize(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+class VGGCNN(nn.Module):
+    """A larger VGG-style CNN with BatchNorm: two conv-conv-pool stages, a 3x3 conv stage, global pooling.
+
+    28x28 -> (2 convs) -> 14x14 -> (2 convs) -> 7x7 -> (1 conv) -> global average
+    and max pooling -> dropout -> linear. The kind of network that reaches
+    99.7%+ alone with augmentation.
+    """
+
+    def __init__(self, width: int = 16, dropout: float = 0.2, num_classes: int = 10) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(1, w), _conv_bn(w, w), nn.MaxPool2d(2),  # 14x14
+            _conv_bn(w, 2 * w), _conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),  # 7x7
+            _conv_bn(2 * w, 4 * w),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(2 * 4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.normalize(x))
+        # Average and max pooling together: the average sees the whole digit, the max its strongest stroke.
+        x = torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
+        return self.classifier(self.dropout(x))
+
+
+register_model("cnn-small", "small fast CNN: 3 conv-BN-ReLU-pool blocks, 16-32-64 channels")(SmallCNN)
+register_model("cnn-vgg", "VGG-style CNN with BatchNorm: 5 convs 16-16-32-32-64, avg+max pooling, dropout")(VGGCNN)
+
+
 def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -125,3 +186,26 @@ def describe_models() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+class Ensemble(nn.Module):
+    """``size`` copies of a registered model whose softmax outputs are averaged.
+
+    Returns the log of the averaged probabilities, so it is a drop-in "logits"
+    model: ``argmax`` is the ensemble's vote and ``softmax`` gives back the mean
+    probabilities. The ``ensemble`` recipe trains the members with different
+    seeds and saves them as one checkpoint of this model.
+    """
+
+    def __init__(self, member: str = "cnn-small", size: int = 3, member_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if member == "ensemble":
+            raise MnistrecError("an ensemble cannot contain ensembles")
+        self.members = nn.ModuleList(create_model(member, **(member_kwargs or {})) for _ in range(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        return probabilities.clamp_min(1e-12).log()
+
+
+register_model("ensemble", "averaged softmax of N trained models (written by the ensemble recipe)")(Ensemble)

@@ -60,15 +60,38 @@ class TrainConfig:
     eval_batch_size: int = 1000
     limit_train: int | None = None
     limit_test: int | None = None
+    # Seed behaviour: with no validation split the test set is reported after every epoch.
+    # The accuracy recipes turn this off so the test set is evaluated once, at the end.
+    epoch_test: bool = True
+    early_stop: int = 0  # patience in epochs without a better validation accuracy; 0 disables
+    ensemble_size: int = 1  # >1: train this many members with different seeds (train_ensemble)
+    tta: bool = False  # ensemble: also report test-time augmentation (averaged over shifted views)
+    threads: int = 0  # CPU threads for PyTorch; 0 keeps PyTorch's default
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # The seed recipe is the original notebook exactly: MLP, Adam 1e-3, batch 64, 5 epochs.
+# The others were chosen on a 5,000-image validation split (split_seed 0), never on the test set.
+_CNN_COMMON: dict[str, Any] = {
+    "optimizer": "adamw",
+    "schedule": "onecycle",
+    "label_smoothing": 0.1,
+    "weight_decay": 5e-4,
+    "val_size": 5000,
+    "epoch_test": False,
+}
 RECIPES: dict[str, dict[str, Any]] = {
     "seed": {},
+    # Five epochs of the small CNN with whole-pixel random shifts: the most accuracy per second.
+    "fast": {**_CNN_COMMON, "model": "cnn-small", "epochs": 5, "batch_size": 128, "lr": 4e-3, "augment": "shift"},
+    # The VGG-style CNN, affine augmentation, a longer one-cycle schedule and a weight EMA.
+    "best": {**_CNN_COMMON, "model": "cnn-vgg", "epochs": 8, "batch_size": 128, "lr": 3e-3,
+             "augment": "affine", "ema_decay": 0.998},
 }
+# Three `fast` models with seeds SEED, SEED+1, SEED+2, averaged softmax, and shifted-view test-time augmentation.
+RECIPES["ensemble"] = {**RECIPES["fast"], "ensemble_size": 3, "tta": True}
 
 
 def recipe_names() -> list[str]:
@@ -101,10 +124,22 @@ def _validate(c: TrainConfig) -> None:
         (c.schedule in ("none", "onecycle", "cosine"), f"unknown schedule {c.schedule!r}; choose from: none, onecycle, cosine"),
         (0 <= c.ema_decay < 1, f"EMA decay must be in [0, 1) (got {c.ema_decay})"),
         (0 <= c.label_smoothing < 1, f"label smoothing must be in [0, 1) (got {c.label_smoothing})"),
+        (c.early_stop >= 0, f"--early-stop must be >= 0 (got {c.early_stop})"),
+        (c.early_stop == 0 or c.val_size > 0, "--early-stop needs a validation split (--val-size > 0)"),
+        (c.ensemble_size >= 1, f"--ensemble-size must be at least 1 (got {c.ensemble_size})"),
+        (c.threads >= 0, f"--threads must be >= 0 (got {c.threads})"),
     ]
     for ok, message in checks:
         if not ok:
             raise MnistrecError(message)
+    from .models import model_names
+
+    if c.model not in model_names():
+        raise MnistrecError(f"unknown model {c.model!r}; choose from: {', '.join(model_names())}")
+    if c.augment != "none":
+        from .augment import get_augmentation
+
+        get_augmentation(c.augment)  # unknown names fail here, before any data is loaded
 
 
 def resolve_device(name: str) -> torch.device:
@@ -122,6 +157,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise MnistrecError("--device mps requested but this PyTorch build has no MPS device")
     return torch.device(name)
+
+
+def channels_last_helps(model: nn.Module, device: torch.device) -> bool:
+    """Channels-last (NHWC) weights for conv nets on CPU (oneDNN) and CUDA (tensor cores).
+
+    Measured on a 2-core CPU: a small CNN's training step is about 2x faster in
+    NHWC. MLPs have no 4-D weights, so nothing changes for them; MPS is left alone.
+    """
+    return device.type in ("cpu", "cuda") and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 class NonFiniteLoss(MnistrecError):
@@ -187,9 +231,11 @@ class TrainResult:
     model: nn.Module
     config: TrainConfig
     history: list[dict[str, float]]
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # test metrics; empty when the test set was not evaluated
     run_dir: Path | None
     seconds: float
+    best_epoch: int | None = None  # the validation-selected epoch whose weights ``model`` holds
+    stopped_early: bool = False
 
 
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
@@ -208,6 +254,33 @@ def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class BestEpoch:
+    """Validation-only model selection: the best epoch so far and a CPU copy of its weights.
+
+    Better means higher validation accuracy, then lower validation loss. It is
+    part of ``last.pth`` so a resumed run selects exactly as an uninterrupted one.
+    """
+
+    epoch: int = 0
+    val_accuracy: float = -1.0
+    val_loss: float = math.inf
+    state_dict: dict[str, torch.Tensor] | None = None
+
+    def update(self, row: dict[str, float], model: nn.Module) -> bool:
+        better = (row["val_accuracy"], -row["val_loss"]) > (self.val_accuracy, -self.val_loss)
+        if better:
+            self.epoch, self.val_accuracy, self.val_loss = int(row["epoch"]), row["val_accuracy"], row["val_loss"]
+            self.state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return better
+
+    def should_stop(self, epoch: int, patience: int) -> bool:
+        return patience > 0 and epoch - self.epoch >= patience
+
+    def state(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def train(
     config: TrainConfig,
     data: MNIST,
@@ -215,18 +288,24 @@ def train(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    evaluate_test: bool = True,
 ) -> TrainResult:
     """Train ``config`` on ``data``; write checkpoints, metrics and history into ``run_dir``.
 
     Returns the trained model (eval mode; the EMA weights when EMA is on) with
-    its per-epoch history and final test metrics. The test set is evaluated every
-    epoch only when there is no validation split (the seed's behaviour);
-    otherwise it is evaluated once, at the end.
+    its per-epoch history and final test metrics. With a validation split the
+    returned weights are those of the best validation epoch, and ``early_stop``
+    ends the run after that many epochs without improvement. The test set is
+    evaluated every epoch only for ``epoch_test`` with no validation split (the
+    seed's behaviour); otherwise once, at the end, and not at all with
+    ``evaluate_test=False`` (selection runs, ensemble members).
     """
     from tqdm.auto import tqdm
 
     start_time = time.perf_counter()
     device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     run_dir = Path(run_dir) if run_dir else None
     if run_dir:
         try:
@@ -247,8 +326,13 @@ def train(
     steps_per_epoch = math.ceil(n / config.batch_size)
 
     model = create_model(config.model, **config.model_kwargs).to(device)
+    if channels_last_helps(model, device):
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+    # Mixed precision only on CUDA: CPU autocast (bfloat16) is slower than float32 on most CPUs.
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ema = None
     if config.ema_decay:
         ema = torch.optim.swa_utils.AveragedModel(
@@ -256,6 +340,8 @@ def train(
         )
     augmenter = _augmenter(config)
     history: list[dict[str, float]] = []
+    best = BestEpoch()
+    stopped_early = False
     first_epoch = 0
 
     state_path = run_dir / "last.pth" if run_dir else None
@@ -272,8 +358,12 @@ def train(
                 scheduler.load_state_dict(state["scheduler"])
             if ema is not None:
                 ema.load_state_dict(state["ema"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"], generators)
             history = list(state["history"])
+            best = BestEpoch(**state["best"])
+            stopped_early = bool(state["stopped_early"])
             first_epoch = int(state["epoch"])
             partial = state.get("partial")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -291,10 +381,13 @@ def train(
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict() if scheduler is not None else None,
             ema=ema.state_dict() if ema is not None else None,
+            scaler=scaler.state_dict() if use_amp else None,
             rng=_rng_state(generators),
             epoch=epoch,
             partial=partial,
             history=history,
+            best=best.state(),
+            stopped_early=stopped_early,
             config=_comparable(config),
         )
         atomic_write(state_path, lambda fh: torch.save(payload, fh))
@@ -307,6 +400,8 @@ def train(
     try:
         with stop:
             for epoch in range(first_epoch, config.epochs):
+                if stopped_early:
+                    break
                 model.train()
                 if partial:  # continue the epoch an earlier Ctrl-C stopped, with its data order
                     start, order = int(partial["step"]), partial["order"].to(device)
@@ -327,13 +422,15 @@ def train(
                     x, y = train_x[idx], train_y[idx]
                     if augmenter is not None:
                         x = augmenter(x, augment_gen)
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+                    with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                        logits = model(x)
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
                     if not torch.isfinite(loss):
                         raise _non_finite(f"loss became {float(loss)}", epoch, step, optimizer, state_path)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     if scheduler is not None:
                         scheduler.step()
                     if ema is not None:
@@ -349,12 +446,17 @@ def train(
                 if split.val_x is not None:
                     val = evaluate(eval_model, split.val_x, split.val_y, config.eval_batch_size, device)
                     row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-                else:
+                    best.update(row, eval_model)
+                    stopped_early = best.should_stop(epoch + 1, config.early_stop) and epoch + 1 < config.epochs
+                elif config.epoch_test and evaluate_test:
                     test = evaluate(eval_model, test_x, test_y, config.eval_batch_size, device)
                     row.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
                 row["seconds"] = time.perf_counter() - start_time
                 history.append(row)
                 log(format_epoch(row, config.epochs))
+                if stopped_early:
+                    log(f"early stop: no better validation accuracy for {config.early_stop} epochs; "
+                        f"keeping epoch {best.epoch} ({100 * best.val_accuracy:.2f}%)")
                 save_state(epoch + 1)
                 saved_at = f"epoch {epoch + 1}"
     except KeyboardInterrupt:
@@ -366,10 +468,13 @@ def train(
         raise
 
     final_model = ema.module if ema is not None else model
+    if best.state_dict is not None:
+        final_model.load_state_dict(best.state_dict)
     final_model.eval()
-    metrics = evaluate(final_model, test_x, test_y, config.eval_batch_size, device)
+    metrics = evaluate(final_model, test_x, test_y, config.eval_batch_size, device) if evaluate_test else {}
     seconds = time.perf_counter() - start_time
-    result = TrainResult(final_model, config, history, metrics, run_dir, seconds)
+    result = TrainResult(final_model, config, history, metrics, run_dir, seconds,
+                         best_epoch=best.epoch or None, stopped_early=stopped_early)
     if run_dir:
         write_run(result, data)
     return result
@@ -434,10 +539,166 @@ def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
     return make_config(recipe, **values)
 
 
+def _completed(run_dir: Path | None) -> bool:
+    return run_dir is not None and (run_dir / "metrics.json").is_file() and (run_dir / "model.pth").is_file()
+
+
+def _resume_or_train(config: TrainConfig, data: MNIST, run_dir: Path | None, resume: bool, progress: bool,
+                     log: Callable[[str], None], evaluate_test: bool) -> TrainResult:
+    """Train, continuing from ``run_dir/last.pth`` when resuming and it exists."""
+    resumable = resume and run_dir is not None and (run_dir / "last.pth").is_file()
+    return train(config, data, run_dir, resume=resumable, progress=progress, log=log, evaluate_test=evaluate_test)
+
+
+def train_final(
+    config: TrainConfig,
+    data: MNIST,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    evaluate_test: bool = True,
+) -> TrainResult:
+    """``--final``: choose the epoch count on the validation split, then retrain on all training images.
+
+    The selection run (``RUN_DIR/selection``) trains with ``val_size`` held out
+    and never sees the test set; its best validation epoch (with early
+    stopping, if set) becomes the epoch count of the final run, which trains on
+    every training image with the same recipe and is the one tested, once.
+    """
+    if config.val_size == 0:
+        raise MnistrecError("--final needs a validation split to choose the epoch count (--val-size > 0)")
+    run_dir = Path(run_dir) if run_dir else None
+    selection_dir = run_dir / "selection" if run_dir else None
+    if resume and _completed(selection_dir):
+        best_epoch = int(json.loads((selection_dir / "metrics.json").read_text())["best_epoch"])
+    else:
+        log("selection run: choosing the epoch count on the validation split")
+        best_epoch = _resume_or_train(config, data, selection_dir, resume, progress, log, evaluate_test=False).best_epoch
+    final_config = dataclasses.replace(config, val_size=0, epochs=best_epoch, early_stop=0, epoch_test=False)
+    log(f"final run: {best_epoch} epochs (the best validation epoch) on all {_train_count(data, config)} training images")
+    return _resume_or_train(final_config, data, run_dir, resume, progress, log, evaluate_test)
+
+
+def _train_count(data: MNIST, config: TrainConfig) -> int:
+    return min(len(data.train_labels), config.limit_train or len(data.train_labels))
+
+
+@dataclass
+class EnsembleResult:
+    model: nn.Module  # an ``ensemble`` model holding every member
+    config: TrainConfig
+    members: list[dict[str, Any]]  # per member: seed, best epoch, seconds, validation and test accuracy
+    metrics: dict[str, Any]  # "ensemble" (and "ensemble_tta") test metrics
+    run_dir: Path | None
+    seconds: float
+
+
+def ensemble_probabilities(models: list[nn.Module], images: torch.Tensor, tta: bool, batch_size: int = 1000,
+                           device: str | torch.device = "cpu") -> torch.Tensor:
+    """Softmax averaged over ``models`` (and, with ``tta``, over shifted views of every image)."""
+    from .augment import tta_views
+    from .evaluate import predict_logits
+
+    if images.dtype == torch.uint8:
+        images = to_float(images)
+    views = tta_views(images) if tta else [images]
+    total = torch.zeros(len(images), 10)
+    for model in models:
+        for view in views:
+            total += predict_logits(model, view, batch_size, device).softmax(1)
+    return total / (len(models) * len(views))
+
+
+def train_ensemble(
+    config: TrainConfig,
+    data: MNIST,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    final: bool = False,
+) -> EnsembleResult:
+    """Train ``ensemble_size`` members (seeds ``seed``, ``seed + 1``, …) and evaluate them together.
+
+    Each member is an ordinary run in ``RUN_DIR/memberI`` (resumable on its
+    own; finished members are reused on ``resume``). After the last one, the
+    test set is evaluated once: every member alone, the averaged-softmax
+    ensemble, and with ``tta`` the ensemble over shifted views. The validation
+    split gets the same report so TTA can be judged without the test set.
+    """
+    from .checkpoint import load_checkpoint
+    from .evaluate import metrics_from_logits
+    from .models import Ensemble
+
+    start_time = time.perf_counter()
+    run_dir = Path(run_dir) if run_dir else None
+    device = resolve_device(config.device)
+    models: list[nn.Module] = []
+    members: list[dict[str, Any]] = []
+    for i in range(config.ensemble_size):
+        member_config = dataclasses.replace(config, seed=config.seed + i, ensemble_size=1, tta=False)
+        member_dir = run_dir / f"member{i}" if run_dir else None
+        log(f"ensemble member {i + 1}/{config.ensemble_size} (seed {member_config.seed})")
+        if resume and _completed(member_dir):
+            summary = json.loads((member_dir / "metrics.json").read_text())
+            model = load_checkpoint(member_dir / "model.pth").model
+            best_epoch, seconds = summary["best_epoch"], summary["seconds"]
+        else:
+            trainer = train_final if final else _resume_or_train
+            result = trainer(member_config, data, member_dir, resume, progress, log, evaluate_test=False)
+            model, best_epoch, seconds = result.model, result.best_epoch, result.seconds
+        models.append(model.eval())
+        members.append({"member": i, "seed": member_config.seed, "best_epoch": best_epoch, "seconds": round(seconds, 3)})
+
+    # The one and only look at the test set (and a matching report on validation).
+    split = split_data(data, config)
+    test_x = data.test_images[: config.limit_test] if config.limit_test else data.test_images
+    test_y = data.test_labels[: config.limit_test] if config.limit_test else data.test_labels
+    metrics: dict[str, Any] = {}
+    for name, images, labels in (("val", split.val_x, split.val_y), ("test", test_x, test_y)):
+        if images is None or final and name == "val":  # final members trained on the validation images
+            continue
+        for model, row in zip(models, members):
+            row[f"{name}_accuracy"] = evaluate(model, images, labels, config.eval_batch_size, device)["accuracy"]
+        variants = {"ensemble": False, "ensemble_tta": True} if config.tta else {"ensemble": False}
+        for key, tta in variants.items():
+            probabilities = ensemble_probabilities(models, images, tta, config.eval_batch_size, device)
+            result_metrics = metrics_from_logits(probabilities.clamp_min(1e-12).log(), labels)
+            metrics[key if name == "test" else f"{key}_val"] = result_metrics if name == "test" else result_metrics["accuracy"]
+    for row in members:
+        log(f"member {row['member']} (seed {row['seed']}): " + ", ".join(
+            f"{k} {100 * row[k]:.2f}%" for k in ("val_accuracy", "test_accuracy") if k in row))
+    for key in ("ensemble", "ensemble_tta"):
+        if key in metrics:
+            val = metrics.get(f"{key}_val")
+            log(f"{key}: test {100 * metrics[key]['accuracy']:.2f}%" + (f", val {100 * val:.2f}%" if val is not None else ""))
+
+    ensemble = Ensemble(config.model, len(models), config.model_kwargs)
+    for slot, model in zip(ensemble.members, models):
+        slot.load_state_dict(model.state_dict())
+    ensemble.eval()
+    seconds = time.perf_counter() - start_time
+    result = EnsembleResult(ensemble, config, members, metrics, run_dir, seconds)
+    if run_dir:
+        kwargs = {"member": config.model, "size": len(models), "member_kwargs": config.model_kwargs}
+        save_checkpoint(run_dir / "model.pth", "ensemble", kwargs, ensemble, recipe=config.recipe,
+                        config=config.to_dict(), members=members, data_checksums=data.checksums(),
+                        metrics={k: v for k, v in metrics["ensemble"].items() if k in ("loss", "accuracy", "count", "errors")})
+        summary = {"recipe": config.recipe, "model": "ensemble", "config": config.to_dict(), "final": final,
+                   "members": members, "test": metrics["ensemble"], "test_tta": metrics.get("ensemble_tta"),
+                   "val_accuracy": metrics.get("ensemble_val"), "val_accuracy_tta": metrics.get("ensemble_tta_val"),
+                   "seconds": round(seconds, 3), "versions": library_versions(),
+                   "data_checksums": data.checksums()}
+        atomic_write(run_dir / "metrics.json", lambda fh: fh.write(json.dumps(summary, indent=2).encode()))
+    return result
+
+
 def _comparable(config: TrainConfig) -> dict[str, Any]:
-    # Everything but the device decides the weights; a run may resume on another device.
+    # Everything but the device and thread count decides the weights; a run may resume elsewhere.
     values = config.to_dict()
     values.pop("device")
+    values.pop("threads")
     return values
 
 
@@ -460,8 +721,11 @@ def write_run(result: TrainResult, data: MNIST) -> None:
         "recipe": result.config.recipe,
         "model": result.config.model,
         "config": result.config.to_dict(),
-        "test": result.metrics,
+        "test": result.metrics or None,  # None: the test set was not evaluated (selection run, member)
         "final_train_accuracy": result.history[-1]["train_accuracy"] if result.history else None,
+        "best_epoch": result.best_epoch,
+        "best_val_accuracy": next((r["val_accuracy"] for r in result.history if r["epoch"] == result.best_epoch), None),
+        "stopped_early": result.stopped_early,
         "seconds": round(result.seconds, 3),
         "versions": library_versions(),
         "data_checksums": data.checksums(),
