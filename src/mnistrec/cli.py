@@ -54,7 +54,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--save", metavar="PATH", default="mnist_model.pth", help="also copy the trained model here, as the seed did (default: mnist_model.pth; '' to skip)")
     p.add_argument("--model", help=f"model name, see `mnistrec models` (recipe default; seed: {defaults.model})")
     p.add_argument("--epochs", type=int, help=f"number of epochs (seed: {defaults.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"examples per step (seed: {defaults.batch_size})")
+    p.add_argument("--batch-size", type=int, help=f"examples per step; under torchrun the global batch, split evenly over the processes (seed: {defaults.batch_size})")
     p.add_argument("--lr", type=float, help=f"(peak) learning rate (seed: {defaults.lr})")
     p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="optimizer; sgd uses Nesterov momentum (seed: adam)")
     p.add_argument("--weight-decay", type=float, help="weight decay on weight matrices and kernels")
@@ -74,6 +74,7 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .data import load_mnist
     from .plots import plot_run
     from .train import copy_model, make_config, train
@@ -86,7 +87,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = make_config(args.recipe, **overrides)
     run_dir = Path(args.resume or args.out or Path("runs") / config.recipe)
     data = load_mnist(args.data_dir)
-    result = train(config, data, run_dir, resume=bool(args.resume), progress=_progress(args))
+    try:  # under torchrun every rank trains; only rank 0 reports, draws and copies
+        result = train(config, data, run_dir, resume=bool(args.resume), progress=_progress(args))
+    finally:
+        distributed.shutdown()
+    if not distributed.is_main_process():
+        return 0
     m = result.metrics
     print(f"Test Loss: {m['loss']:.4f}, Test Acc: {100 * m['accuracy']:.2f}% "
           f"({m['count'] - m['errors']}/{m['count']}) in {result.seconds:.1f}s")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .checkpoint import atomic_write, checkpoint_dict, library_versions, read_checkpoint, save_checkpoint
 from .data import MNIST, to_float
 from .errors import MnistrecError
@@ -220,11 +221,20 @@ def train(
     its per-epoch history and final test metrics. The test set is evaluated every
     epoch only when there is no validation split (the seed's behaviour);
     otherwise it is evaluated once, at the end.
+
+    Under torchrun this runs DistributedDataParallel (see :mod:`mnistrec.distributed`):
+    ``config.batch_size`` is the *global* batch, each rank trains on its shard, and
+    only rank 0 logs and writes files. Every rank evaluates the same full split with
+    the same weights, so all ranks agree on the metrics without communicating.
     """
     from tqdm.auto import tqdm
 
     start_time = time.perf_counter()
-    device = resolve_device(config.device)
+    ctx = distributed.setup(resolve_device(config.device))
+    device = ctx.device
+    local_batch = ctx.per_rank_batch(config.batch_size)
+    if not ctx.is_main:  # rank 0 alone logs and writes files; the others still read last.pth to resume
+        log, progress = (lambda _: None), False
     run_dir = Path(run_dir) if run_dir else None
     if run_dir:
         try:
@@ -242,7 +252,8 @@ def train(
     test_x = data.test_images[: config.limit_test] if config.limit_test else data.test_images
     test_y = data.test_labels[: config.limit_test] if config.limit_test else data.test_labels
     n = len(train_x)
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    n_local = len(ctx.shard(torch.arange(n)))  # examples this rank sees per epoch (n when not distributed)
+    steps_per_epoch = math.ceil(n_local / local_batch)
 
     model = create_model(config.model, **config.model_kwargs).to(device)
     optimizer = build_optimizer(config, model)
@@ -253,6 +264,7 @@ def train(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
         )
     augmenter = _augmenter(config)
+    train_model = ctx.wrap(model)  # DDP averages the gradients over the ranks
     history: list[dict[str, float]] = []
     first_epoch = 0
 
@@ -275,7 +287,7 @@ def train(
         log(f"resuming {run_dir} after epoch {first_epoch}/{config.epochs}")
 
     def save_state(epoch: int) -> None:
-        if state_path is None:
+        if state_path is None or not ctx.is_main:
             return
         payload = checkpoint_dict(
             config.model,
@@ -295,16 +307,16 @@ def train(
     try:
         for epoch in range(first_epoch, config.epochs):
             model.train()
-            order = torch.randperm(n, generator=shuffle_gen).to(device)
+            order = ctx.shard(torch.randperm(n, generator=shuffle_gen)).to(device)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not show_bar, leave=False, unit="batch")
             for step in bar:
-                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+                idx = order[step * local_batch : (step + 1) * local_batch]
                 x, y = train_x[idx], train_y[idx]
                 if augmenter is not None:
                     x = augmenter(x, augment_gen)
-                logits = model(x)
+                logits = train_model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
                 if not torch.isfinite(loss):
                     lr_now = optimizer.param_groups[0]["lr"]
@@ -321,7 +333,9 @@ def train(
                     ema.update_parameters(model)
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
-            row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n,
+            seen = torch.tensor(n_local, device=device, dtype=torch.float64)
+            ctx.all_reduce_sum(loss_sum, correct, seen)  # training metrics over all ranks' examples
+            row = {"epoch": epoch + 1, "train_loss": float(loss_sum / seen), "train_accuracy": float(correct / seen),
                    "lr": optimizer.param_groups[0]["lr"]}
             eval_model = ema.module if ema is not None else model
             if split.val_x is not None:
@@ -346,7 +360,7 @@ def train(
     metrics = evaluate(final_model, test_x, test_y, config.eval_batch_size, device)
     seconds = time.perf_counter() - start_time
     result = TrainResult(final_model, config, history, metrics, run_dir, seconds)
-    if run_dir:
+    if run_dir and ctx.is_main:
         write_run(result, data)
     return result
 
