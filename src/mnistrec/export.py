@@ -90,17 +90,24 @@ def onnx_model_proto(model: nn.Module, metadata: dict[str, str] | None = None, o
     return proto
 
 
-def torchscript_module(model: nn.Module) -> torch.jit.ScriptModule:
-    """``torch.jit.script`` (keeps the batch size symbolic); ``torch.jit.trace`` for models script cannot compile."""
+def torchscript_bytes(model: nn.Module, metadata: dict[str, str] | None = None) -> tuple[torch.jit.ScriptModule, bytes]:
+    """The model as TorchScript and its serialised archive (``metadata`` in the extra file ``mnistrec.json``).
+
+    ``torch.jit.script`` keeps the batch size symbolic; ``torch.jit.trace`` serves
+    the models that script cannot compile.
+    """
     model = model.eval()
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         # TorchScript is deprecated upstream in favour of torch.export, but it is still what libtorch (C++) loads.
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            return torch.jit.script(model)
+            module = torch.jit.script(model)
         except Exception:  # script rejects some Python constructs; tracing records the ops that ran instead
             with torch.no_grad():
-                return torch.jit.trace(model, _example_batch(), check_inputs=[(_example_batch(3, 1),)])
+                module = torch.jit.trace(model, _example_batch(), check_inputs=[(_example_batch(3, 1),)])
+        torch.jit.save(module, buffer, _extra_files={"mnistrec.json": json.dumps(metadata or {})})
+    return module, buffer.getvalue()
 
 
 def verify(reference: nn.Module, run, images: torch.Tensor, tolerance: float = TOLERANCE) -> float:
@@ -138,10 +145,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.Pat
             verify(loaded.model, backend.predict_logits, images)
         atomic_write(out, lambda fh: fh.write(data))
     else:
-        module = torchscript_module(loaded.model)
-        buffer = io.BytesIO()
-        torch.jit.save(module, buffer, _extra_files={"mnistrec.json": json.dumps(meta)})
+        _, data = torchscript_bytes(loaded.model, meta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reloaded = torch.jit.load(io.BytesIO(data))  # verify what is written, not the object in memory
         for images in samples:
-            verify(loaded.model, lambda x: module(x).detach(), images)
-        atomic_write(out, lambda fh: fh.write(buffer.getvalue()))
+            verify(loaded.model, lambda x: reloaded(x).detach(), images)
+        atomic_write(out, lambda fh: fh.write(data))
     return out
