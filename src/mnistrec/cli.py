@@ -22,6 +22,18 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
                         "(default: $MNIST_DATA_DIR, else ~/.cache/mnistrec/mnist)")
 
 
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="inference engine: PyTorch, or onnxruntime (takes an .onnx export, or exports a .pth in memory)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    return value
+
+
 def _progress(args: argparse.Namespace) -> bool:
     # tqdm bars only for a person watching a terminal.
     return not getattr(args, "quiet", False) and sys.stderr.isatty()
@@ -42,7 +54,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--save", metavar="PATH", default="mnist_model.pth", help="also copy the trained model here, as the seed did (default: mnist_model.pth; '' to skip)")
     p.add_argument("--model", help=f"model name, see `mnistrec models` (recipe default; seed: {defaults.model})")
     p.add_argument("--epochs", type=int, help=f"number of epochs (seed: {defaults.epochs})")
-    p.add_argument("--batch-size", type=int, help=f"examples per step (seed: {defaults.batch_size})")
+    p.add_argument("--batch-size", type=int, help=f"examples per step; under torchrun the global batch, split evenly over the processes (seed: {defaults.batch_size})")
     p.add_argument("--lr", type=float, help=f"(peak) learning rate (seed: {defaults.lr})")
     p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="optimizer; sgd uses Nesterov momentum (seed: adam)")
     p.add_argument("--weight-decay", type=float, help="weight decay on weight matrices and kernels")
@@ -74,6 +86,7 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from . import distributed
     from .data import load_mnist
     from .plots import plot_run
     from .train import copy_model, make_config, resume_config, train, train_ensemble, train_final
@@ -103,7 +116,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run directory: {run_dir} (members in {run_dir}/member*)" + (f"; model saved to {args.save}" if args.save else ""))
         return 0
     trainer = train_final if args.final else train
-    result = trainer(config, data, run_dir, resume=bool(args.resume), progress=_progress(args))
+    try:  # under torchrun every rank trains; only rank 0 reports, draws and copies
+        result = trainer(config, data, run_dir, resume=bool(args.resume), progress=_progress(args))
+    finally:
+        distributed.shutdown()
+    if not distributed.is_main_process():
+        return 0
     m = result.metrics
     print(f"Test Loss: {m['loss']:.4f}, Test Acc: {100 * m['accuracy']:.2f}% "
           f"({m['count'] - m['errors']}/{m['count']}) in {result.seconds:.1f}s")
@@ -120,27 +138,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="test-set loss, accuracy, per-class precision/recall, confusion matrix")
-    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict)")
+    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict), or an exported .onnx with --backend onnx")
     _add_data_dir(p)
+    _add_backend(p)
+    p.add_argument("--batch-size", type=_positive_int, default=1000, help="images per forward pass (default: 1000)")
     p.add_argument("--json", action="store_true", help="print one JSON object; `accuracy` is a fraction in [0, 1]")
     p.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint
+    from .backends import load_backend
     from .data import load_split
     from .evaluate import evaluate, format_report
 
-    loaded = load_checkpoint(args.checkpoint)
+    backend = load_backend(args.checkpoint, args.backend)
     images, labels = load_split("test", args.data_dir)
     if args.limit_test:
         images, labels = images[: args.limit_test], labels[: args.limit_test]
-    metrics = evaluate(loaded.model, images, labels)
+    metrics = evaluate(backend, images, labels, args.batch_size, progress=_progress(args))
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "model": loaded.model_name, **metrics}))
+        print(json.dumps({"checkpoint": str(args.checkpoint), "model": backend.model_name, "backend": backend.name, **metrics}))
     else:
-        print(f"{args.checkpoint} ({loaded.model_name}) on {len(labels)} test images")
+        print(f"{args.checkpoint} ({backend.model_name}, {backend.name} backend) on {len(labels)} test images")
         print(format_report(metrics))
     return 0
 
@@ -200,9 +221,34 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- export
+
+
+def add_export_parser(sub) -> None:
+    from .export import FORMATS, OPSET
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (checked against PyTorch)",
+                       description="Export a checkpoint. The exported model takes float32 [N, 1, 28, 28] pixels in [0, 1] "
+                                   "(ink = 1) and returns [N, 10] logits; the MNIST normalisation is inside it.")
+    p.add_argument("checkpoint", help="a .pth checkpoint")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (dynamic batch axis) or torchscript (default: onnx)")
+    p.add_argument("-o", "--out", metavar="OUT", help="output file (default: the checkpoint name with .onnx or .pt)")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.format, args.out, args.opset)
+    print(f"{args.format} model written to {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 PARSERS = [add_train_parser, add_evaluate_parser, add_plot_parser, add_models_parser, add_download_parser]
+PARSERS.append(add_export_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -10,22 +10,37 @@ from torch import nn
 
 from .data import to_float
 
+if TYPE_CHECKING:
+    from .backends import Backend
+
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1000, device: str | torch.device = "cpu") -> torch.Tensor:
+def predict_logits(model: nn.Module | Backend, images: torch.Tensor, batch_size: int = 1000, device: str | torch.device = "cpu",
+                   progress: bool = False) -> torch.Tensor:
     """Logits ``[N, 10]`` for ``uint8 [N, 28, 28]`` or float ``[N, 1, 28, 28]`` images, in batches.
 
-    Only one batch is converted to float at a time, so memory stays bounded.
+    ``model`` is an ``nn.Module`` or an inference backend (:mod:`mnistrec.backends`).
+    Only one batch is converted to float at a time, so memory stays bounded;
+    ``progress`` shows a tqdm bar (in images) when there is more than one batch.
     """
-    was_training = model.training
-    model.eval()
+    from tqdm.auto import tqdm
+
+    is_module = isinstance(model, nn.Module)
+    was_training = model.training if is_module else False
+    if is_module:
+        model.eval()
+    run = model if is_module else model.predict_logits
     outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        if batch.dtype == torch.uint8:
-            batch = to_float(batch)
-        outputs.append(model(batch.to(device)).float().cpu())
-    model.train(was_training)
+    with tqdm(total=len(images), desc="predict", unit="img", unit_scale=True, leave=False,
+              disable=not progress or len(images) <= batch_size) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            if batch.dtype == torch.uint8:
+                batch = to_float(batch)
+            outputs.append(run(batch.to(device) if is_module else batch).float().cpu())
+            bar.update(len(batch))
+    if is_module:
+        model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
 
 
@@ -55,9 +70,10 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> dict[str
     }
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Evaluate ``model`` on a whole split; see :func:`metrics_from_logits`."""
-    return metrics_from_logits(predict_logits(model, images, batch_size, device), labels)
+def evaluate(model: nn.Module | Backend, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
+             device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
+    """Evaluate ``model`` (a module or an inference backend) on a whole split; see :func:`metrics_from_logits`."""
+    return metrics_from_logits(predict_logits(model, images, batch_size, device, progress), labels)
 
 
 def format_report(metrics: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .checkpoint import atomic_write, checkpoint_dict, library_versions, read_checkpoint, save_checkpoint
 from .data import MNIST, to_float
 from .errors import CheckpointError, MnistrecError
@@ -299,13 +300,22 @@ def train(
     evaluated every epoch only for ``epoch_test`` with no validation split (the
     seed's behaviour); otherwise once, at the end, and not at all with
     ``evaluate_test=False`` (selection runs, ensemble members).
+
+    Under torchrun this runs DistributedDataParallel (see :mod:`mnistrec.distributed`):
+    ``config.batch_size`` is the *global* batch, each rank trains on its shard, and
+    only rank 0 logs and writes files. Every rank evaluates the same full split with
+    the same weights, so all ranks agree on the metrics without communicating.
     """
     from tqdm.auto import tqdm
 
     start_time = time.perf_counter()
-    device = resolve_device(config.device)
+    ctx = distributed.setup(resolve_device(config.device))
+    device = ctx.device
     if config.threads:
         torch.set_num_threads(config.threads)
+    local_batch = ctx.per_rank_batch(config.batch_size)
+    if not ctx.is_main:  # rank 0 alone logs and writes files; the others still read last.pth to resume
+        log, progress = (lambda _: None), False
     run_dir = Path(run_dir) if run_dir else None
     if run_dir:
         try:
@@ -323,7 +333,8 @@ def train(
     test_x = data.test_images[: config.limit_test] if config.limit_test else data.test_images
     test_y = data.test_labels[: config.limit_test] if config.limit_test else data.test_labels
     n = len(train_x)
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    n_local = len(ctx.shard(torch.arange(n)))  # examples this rank sees per epoch (n when not distributed)
+    steps_per_epoch = math.ceil(n_local / local_batch)
 
     model = create_model(config.model, **config.model_kwargs).to(device)
     if channels_last_helps(model, device):
@@ -339,6 +350,7 @@ def train(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
         )
     augmenter = _augmenter(config)
+    train_model = ctx.wrap(model)  # DDP averages the gradients over the ranks
     history: list[dict[str, float]] = []
     best = BestEpoch()
     stopped_early = False
@@ -372,7 +384,7 @@ def train(
         log(f"resuming {run_dir} after epoch {first_epoch}/{config.epochs}{at}")
 
     def save_state(epoch: int, partial: dict[str, Any] | None = None) -> None:
-        if state_path is None:
+        if state_path is None or not ctx.is_main:
             return
         payload = checkpoint_dict(
             config.model,
@@ -395,7 +407,9 @@ def train(
     show_bar = progress
     # Ctrl-C only sets a flag; the loop saves at the next step boundary, where
     # weights, optimiser, scheduler, EMA and RNGs agree, so resuming stays bit-exact.
-    stop = _StopRequest(enabled=state_path is not None)
+    # Under torchrun the ranks would see the flag at different steps and deadlock in
+    # the gradient all-reduce, so there Ctrl-C interrupts at once (the last epoch is saved).
+    stop = _StopRequest(enabled=state_path is not None and not ctx.enabled)
     saved_at = None
     try:
         with stop:
@@ -408,7 +422,7 @@ def train(
                     loss_sum, correct = partial["loss_sum"].to(device), partial["correct"].to(device)
                     partial = None
                 else:
-                    start, order = 0, torch.randperm(n, generator=shuffle_gen).to(device)
+                    start, order = 0, ctx.shard(torch.randperm(n, generator=shuffle_gen)).to(device)
                     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
                     correct = torch.zeros((), device=device, dtype=torch.int64)
                 bar = tqdm(range(start, steps_per_epoch), initial=start, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -418,12 +432,12 @@ def train(
                         save_state(epoch, {"step": step, "order": order.cpu(), "loss_sum": loss_sum.cpu(), "correct": correct.cpu()})
                         saved_at = f"epoch {epoch + 1}, step {step}/{steps_per_epoch}"
                         raise KeyboardInterrupt
-                    idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+                    idx = order[step * local_batch : (step + 1) * local_batch]
                     x, y = train_x[idx], train_y[idx]
                     if augmenter is not None:
                         x = augmenter(x, augment_gen)
                     with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                        logits = model(x)
+                        logits = train_model(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
                     if not torch.isfinite(loss):
                         raise _non_finite(f"loss became {float(loss)}", epoch, step, optimizer, state_path)
@@ -440,7 +454,9 @@ def train(
                 # The last step can overflow the weights with a finite loss; never checkpoint those.
                 if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                     raise _non_finite("weights became non-finite", epoch, steps_per_epoch - 1, optimizer, state_path)
-                row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n,
+                seen = torch.tensor(n_local, device=device, dtype=torch.float64)
+                ctx.all_reduce_sum(loss_sum, correct, seen)  # training metrics over all ranks' examples
+                row = {"epoch": epoch + 1, "train_loss": float(loss_sum / seen), "train_accuracy": float(correct / seen),
                        "lr": optimizer.param_groups[0]["lr"]}
                 eval_model = ema.module if ema is not None else model
                 if split.val_x is not None:
@@ -475,7 +491,7 @@ def train(
     seconds = time.perf_counter() - start_time
     result = TrainResult(final_model, config, history, metrics, run_dir, seconds,
                          best_epoch=best.epoch or None, stopped_early=stopped_early)
-    if run_dir:
+    if run_dir and ctx.is_main:
         write_run(result, data)
     return result
 
