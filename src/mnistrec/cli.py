@@ -171,9 +171,53 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serve
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="the web app (draw a digit) and the HTTP API, on uvicorn",
+                       description="Serve the drawing page at / and the HTTP API (/api, /v2, /docs) for one checkpoint.")
+    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                   "0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model (default: 1)")
+    p.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body in MiB (default: 10; 413 above)")
+    p.add_argument("--max-batch", type=int, default=64, help="most images per request (default: 64)")
+    p.add_argument("--model-name", default="mnistrec", help="model name in the /v2 protocol (default: mnistrec)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as exc:
+        raise MnistrecError(f"serving needs the 'serve' extra (pip install 'mnistrec[serve]'): {exc}") from None
+    if args.workers < 1 or not 0 < args.port < 65536 or args.max_batch < 1 or args.max_request_mb <= 0:
+        raise MnistrecError("--workers and --max-batch must be >= 1, --port in 1..65535, --max-request-mb > 0")
+    settings = {"max_request_bytes": int(args.max_request_mb * 1024 * 1024), "max_batch_images": args.max_batch,
+                "model_name": args.model_name}
+    app = create_app(args.checkpoint, **settings)  # fails here, with one line, on a bad checkpoint
+    print(f"mnistrec: serving {args.checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
+    # Several processes need an import string; each worker builds its own app from these variables.
+    os.environ.update({"MNISTREC_SERVE_CHECKPOINT": str(Path(args.checkpoint).resolve()),
+                       "MNISTREC_SERVE_MAX_REQUEST_BYTES": str(settings["max_request_bytes"]),
+                       "MNISTREC_SERVE_MAX_BATCH": str(args.max_batch), "MNISTREC_SERVE_MODEL_NAME": args.model_name})
+    del app
+    uvicorn.run("mnistrec.serve.app:create_app_from_env", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level="warning")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 PARSERS = [add_train_parser, add_evaluate_parser, add_plot_parser, add_models_parser, add_download_parser]
+PARSERS.append(add_serve_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
