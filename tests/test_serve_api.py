@@ -447,3 +447,12 @@ def test_a_failing_forward_pass_is_reported_and_the_batcher_keeps_serving(mlp_ch
         second = client.post("/api/predict", json={"pixels": images[0, 0].tolist()})
     assert first.status_code == 500  # a bug in the model is a server error, not the user's
     assert second.status_code == 200 and len(calls) == 2
+
+
+def test_serve_cli_refuses_a_missing_checkpoint_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("serve", tmp_path / "missing.pth", "--port", "1")
+    assert result.returncode == 2
+    assert result.stderr.startswith("mnistrec: error:") and "missing.pth" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
