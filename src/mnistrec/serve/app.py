@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -107,6 +107,18 @@ class BatchJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
     images: list[str] | None = Field(None, description="base64 image files")
     pixels: list[list[list[float]]] | None = Field(None, description="N x 28 x 28 floats in [0, 1], ink = 1")
+
+
+class PredictOptions:
+    """The query options of the predict routes."""
+
+    def __init__(
+        self,
+        top_k: int = Query(3, ge=1, le=10, description="how many of the likeliest digits to list"),
+        invert: Invert = Query("auto", description="polarity of image files: auto-detect, or force"),
+        include_image: bool = Query(False, description="also return the 28x28 image(s) the model saw"),
+    ) -> None:
+        self.top_k, self.invert, self.include_image = top_k, invert, include_image
 
 
 class Health(BaseModel):
@@ -379,35 +391,28 @@ def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = D
     @app.post("/api/predict", response_model=Prediction, response_model_exclude_none=True, responses=ERRORS,
               openapi_extra=_body_doc(PredictJSON, "file", many=False), tags=["predict"])
     async def predict(
-        request: Request,
-        top_k: int = Query(3, ge=1, le=10, description="how many of the likeliest digits to list"),
-        invert: Invert = Query("auto", description="polarity of image files: auto-detect, or force"),
-        include_image: bool = Query(False, description="also return the 28x28 image the model saw"),
-    ) -> dict[str, Any]:
+        request: Request, options: PredictOptions = Depends()) -> dict[str, Any]:
         """Predict one digit: a multipart ``file``, an ``image/*`` body, or JSON ``{"image": base64}`` /
         ``{"pixels": 28x28 floats in [0, 1]}``. Returns the schema of ``mnistrec predict --json``."""
         sources = await _read_sources(request, many=False, max_files=1)
         if sources[0][2] is not None:  # 784 numbers: cheaper here than a thread hop
-            x = _to_tensor(sources[0], service, invert)
+            x = _to_tensor(sources[0], service, options.invert)
         else:  # decoding and preprocessing an image file take milliseconds: off the event loop
-            x = await run_in_threadpool(_to_tensor, sources[0], service, invert)
-        return (await service.predict(x.unsqueeze(0), top_k, include_image))[0]
+            x = await run_in_threadpool(_to_tensor, sources[0], service, options.invert)
+        return (await service.predict(x.unsqueeze(0), options.top_k, options.include_image))[0]
 
     @app.post("/api/predict/batch", response_model=BatchResult, response_model_exclude_none=True, responses=ERRORS,
               openapi_extra=_body_doc(BatchJSON, "files", many=True), tags=["predict"])
     async def predict_batch(
-        request: Request,
-        top_k: int = Query(3, ge=1, le=10, description="how many of the likeliest digits to list"),
-        invert: Invert = Query("auto", description="polarity of image files: auto-detect, or force"),
-        include_image: bool = Query(False, description="also return the 28x28 images the model saw"),
-    ) -> dict[str, Any]:
+        request: Request, options: PredictOptions = Depends()) -> dict[str, Any]:
         """Predict several images (multipart ``files``, or JSON ``images`` / ``pixels``), at most the batch limit.
         An image that cannot be used gets an ``error`` in its place; the others are still predicted."""
         sources = await _read_sources(request, many=True, max_files=service.max_batch_images)
         service.check_batch(len(sources))
-        decoded = await run_in_threadpool(_decode_all, sources, service, invert)
+        decoded = await run_in_threadpool(_decode_all, sources, service, options.invert)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-        results = await service.predict(torch.stack([decoded[i] for i in good]), top_k, include_image) if good else []
+        images = torch.stack([decoded[i] for i in good]) if good else None
+        results = await service.predict(images, options.top_k, options.include_image) if good else []
         items: list[dict[str, Any]] = [{"index": i, "filename": s[0]} for i, s in enumerate(sources)]
         for i, result in zip(good, results):
             items[i].update(result)
