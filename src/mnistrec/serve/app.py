@@ -20,7 +20,7 @@ import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import Depends, FastAPI, Query, Request
@@ -39,7 +39,7 @@ from ..errors import ImageError, MnistrecError
 from ..models import count_parameters, flops_per_image
 from ..predict import predict_tensors
 from .batcher import MicroBatcher
-from .inputs import InputError, TooLarge, decode_base64, image_to_tensor, pixels_to_tensor, validation_message
+from .inputs import InputError, decode_base64, image_to_tensor, pixels_to_tensor, validation_message
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -93,20 +93,26 @@ class BatchResult(BaseModel):
     errors: int = Field(description="how many images could not be used")
 
 
+# A 28x28 image as the model sees it; the schema says so, so clients and fuzzers know the shape and range.
+Pixels = Annotated[list[Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]], Field(min_length=28, max_length=28)]],
+                   Field(min_length=28, max_length=28)]
+
+
 class PredictJSON(BaseModel):
     """Exactly one of ``image`` (a base64 image file) or ``pixels`` (28x28 model input)."""
 
-    model_config = ConfigDict(extra="forbid")
-    image: str | None = Field(None, description="base64 of a PNG/JPEG/... file; a data: URL is accepted")
-    pixels: list[list[float]] | None = Field(None, description="28x28 floats in [0, 1], ink = 1, fed to the model as is")
+    # Not nullable, and the schema's oneOf says "exactly one", so the OpenAPI document is as strict as the route.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["image"]}, {"required": ["pixels"]}]})
+    image: str = Field(None, description="base64 of a PNG/JPEG/... file; a data: URL is accepted")
+    pixels: Pixels = Field(None, description="28x28 floats in [0, 1], ink = 1, fed to the model as is")
 
 
 class BatchJSON(BaseModel):
     """Exactly one of ``images`` (base64 image files) or ``pixels`` (N x 28 x 28 model input)."""
 
-    model_config = ConfigDict(extra="forbid")
-    images: list[str] | None = Field(None, description="base64 image files")
-    pixels: list[list[list[float]]] | None = Field(None, description="N x 28 x 28 floats in [0, 1], ink = 1")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["images"]}, {"required": ["pixels"]}]})
+    images: list[str] = Field(None, min_length=1, description="base64 image files")
+    pixels: list[Pixels] = Field(None, min_length=1, description="N x 28 x 28 floats in [0, 1], ink = 1")
 
 
 class PredictOptions:
@@ -130,20 +136,25 @@ class Health(BaseModel):
 
 
 ERRORS = {code: {"model": Error, "description": text} for code, text in (
-    (400, "malformed request"), (413, "request, image or batch too large"),
-    (415, "unsupported content type"), (422, "content that cannot be used (not an image, no ink, bad shape)"),
+    (400, "malformed request"), (413, "request body too large"),
+    (415, "unsupported content type"), (422, "content that cannot be used (not an image, no ink, bad shape, too many pixels or images)"),
 )}
 
 
-def _body_doc(json_model: type[BaseModel], multipart_field: str, many: bool) -> dict[str, Any]:
+def _body_doc(json_model: type[BaseModel], multipart_field: str, many: bool, max_files: int = 1) -> dict[str, Any]:
     """OpenAPI request body for routes that read the body themselves (several content types)."""
     file_schema = {"type": "string", "format": "binary"}
+    json_schema = json_model.model_json_schema()
+    if many:  # the limit is the app's setting, so the document states it here
+        for prop in json_schema["properties"].values():
+            prop["maxItems"] = max_files
     return {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {
             "type": "object", "required": [multipart_field],
-            "properties": {multipart_field: {"type": "array", "items": file_schema} if many else file_schema},
+            "properties": {multipart_field: {"type": "array", "items": file_schema, "minItems": 1, "maxItems": max_files}
+                           if many else file_schema},
         }},
-        "application/json": {"schema": json_model.model_json_schema()},
+        "application/json": {"schema": json_schema},
         **({} if many else {"image/png": {"schema": file_schema}, "image/jpeg": {"schema": file_schema},
                             "application/octet-stream": {"schema": file_schema}}),
     }}}
@@ -211,7 +222,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MnistrecError)
     async def mnistrec_error(request: Request, exc: MnistrecError) -> JSONResponse:
         status = 422 if isinstance(exc, (ImageError, InputError)) else 400
-        return _error(getattr(exc, "status_code", status), str(exc), request)
+        return _error(status, str(exc), request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -264,7 +275,7 @@ class Service:
         if count == 0:
             raise InputError("no images in the request")
         if count > self.max_batch_images:
-            raise TooLarge(f"{count} images exceed the batch limit of {self.max_batch_images}")
+            raise InputError(f"{count} images exceed the batch limit of {self.max_batch_images}")
 
     def describe(self) -> dict[str, Any]:
         meta = self.loaded.meta
@@ -402,7 +413,7 @@ def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = D
         return (await service.predict(x.unsqueeze(0), options.top_k, options.include_image))[0]
 
     @app.post("/api/predict/batch", response_model=BatchResult, response_model_exclude_none=True, responses=ERRORS,
-              openapi_extra=_body_doc(BatchJSON, "files", many=True), tags=["predict"])
+              openapi_extra=_body_doc(BatchJSON, "files", many=True, max_files=max_batch_images), tags=["predict"])
     async def predict_batch(
         request: Request, options: PredictOptions = Depends()) -> dict[str, Any]:
         """Predict several images (multipart ``files``, or JSON ``images`` / ``pixels``), at most the batch limit.

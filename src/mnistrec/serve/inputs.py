@@ -24,12 +24,6 @@ class InputError(MnistrecError):
     """The request is well-formed HTTP but its content cannot be used (HTTP 422)."""
 
 
-class TooLarge(InputError):
-    """Too many images in one request (HTTP 413)."""
-
-    status_code = 413
-
-
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 
 

@@ -10,15 +10,16 @@ with ``outputs``. Errors carry the protocol's ``error`` field (and ``detail``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from .inputs import InputError, TooLarge, as_images, pixels_to_tensor
+from .inputs import InputError, as_images, pixels_to_tensor
 
 if TYPE_CHECKING:
     from .app import Service
@@ -49,10 +50,11 @@ class ServerMetadata(BaseModel):
 
 class InferInput(BaseModel):
     name: str
-    shape: list[int] = Field(description="[N, 1, 28, 28], [N, 28, 28] or [N, 784]")
-    datatype: str = Field(description="FP32 or FP64 in [0, 1] (ink = 1), or UINT8 in 0..255")
+    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=2, max_length=4,
+                                                     description="[N, 1, 28, 28], [N, 28, 28] or [N, 784]")
+    datatype: Literal["FP32", "FP64", "UINT8"] = Field(description="FP32 or FP64 in [0, 1] (ink = 1), or UINT8 in 0..255")
     parameters: dict[str, Any] | None = None
-    data: list[Any] = Field(description="the values, flat (row-major) or nested")
+    data: list[Any] = Field(min_length=1, description="the values, flat (row-major) or nested")
 
 
 class RequestedOutput(BaseModel):
@@ -96,22 +98,15 @@ class ModelReady(BaseModel):
 
 def _input_tensor(tensor: InferInput, max_batch: int):
     """Validate one v2 input and return it as float ``[N, 1, 28, 28]``."""
-    datatype = tensor.datatype.upper()
-    if datatype not in SCALES:
-        raise InputError(f"input {tensor.name!r}: datatype {tensor.datatype!r} is not supported; use FP32, FP64 or UINT8")
-    shape = tensor.shape
-    if not shape or any(d < 0 for d in shape) or len(shape) > 4:
-        raise InputError(f"input {tensor.name!r}: bad shape {shape}")
-    x = pixels_to_tensor(tensor.data, SCALES[datatype], what=f"input {tensor.name!r}")
+    shape = tensor.shape  # datatype, rank and positive sizes are checked by the schema
+    x = pixels_to_tensor(tensor.data, SCALES[tensor.datatype], what=f"input {tensor.name!r}")
     expected = 1
     for d in shape:
         expected *= d
     if x.numel() != expected:
         raise InputError(f"input {tensor.name!r}: shape {shape} needs {expected} values, data has {x.numel()}")
-    if len(shape) < 2 or shape[0] < 1:
-        raise InputError(f"input {tensor.name!r}: shape {shape} has no batch dimension; expected [N, 1, 28, 28], [N, 28, 28] or [N, 784]")
     if shape[0] > max_batch:
-        raise TooLarge(f"batch of {shape[0]} images exceeds the limit of {max_batch}")
+        raise InputError(f"batch of {shape[0]} images exceeds the limit of {max_batch}")
     return as_images(x.reshape(shape), what=f"input {tensor.name!r}")
 
 
@@ -119,6 +114,10 @@ def make_router(service: "Service", errors: dict) -> APIRouter:
     """The ``/v2`` routes for ``service``; unknown model names get 404."""
     router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
     not_found = {404: {"model": errors[400]["model"], "description": "unknown model name"}}
+
+    # The one name this server answers to, documented as such in the OpenAPI document.
+    def name_param():
+        return PathParam(description="the model's name", json_schema_extra={"enum": [service.name]})
 
     def check_name(name: str) -> None:
         if name != service.name:
@@ -140,7 +139,7 @@ def make_router(service: "Service", errors: dict) -> APIRouter:
         return {"ready": True}
 
     @router.get("/models/{name}", response_model=ModelMetadata, responses=not_found)
-    async def model_metadata(name: str) -> dict[str, Any]:
+    async def model_metadata(name: str = name_param()) -> dict[str, Any]:
         """Inputs and outputs of the model."""
         check_name(name)
         return {
@@ -152,14 +151,14 @@ def make_router(service: "Service", errors: dict) -> APIRouter:
         }
 
     @router.get("/models/{name}/ready", response_model=ModelReady, responses=not_found)
-    async def model_ready(name: str) -> dict[str, Any]:
+    async def model_ready(name: str = name_param()) -> dict[str, Any]:
         """Whether the named model is ready."""
         check_name(name)
         return {"name": service.name, "ready": True}
 
     @router.post("/models/{name}/infer", response_model=InferResponse, response_model_exclude_none=True,
                  responses={**errors, **not_found})
-    async def infer(name: str, request: InferRequest) -> dict[str, Any]:
+    async def infer(request: InferRequest, name: str = name_param()) -> dict[str, Any]:
         """Run the model on raw pixels (see the module docs for shapes and datatypes)."""
         check_name(name)
         wanted = [o.name for o in request.outputs] if request.outputs else list(OUTPUTS)
