@@ -149,4 +149,5 @@ def explain_figure(rows: Sequence[dict], path: Path) -> Path:
         for ax in (ax_in, ax_pre, ax_sal):
             ax.set_xticks([])
             ax.set_yticks([])
+    fig.tight_layout()
     return _save(fig, Path(path))

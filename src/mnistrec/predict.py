@@ -159,8 +159,9 @@ def save_preprocessed(item: FileResult, directory: str | os.PathLike) -> list[Pa
     except OSError as exc:
         raise MnistrecError(f"cannot create {directory}: {exc.strerror or exc}") from None
     written = []
+    multi = item.result is not None and "number" in item.result
     for index, tensor in enumerate(item.tensors):
-        stem = item.path.stem if len(item.tensors) == 1 and item.result and "number" not in item.result else f"{item.path.stem}_{index}"
+        stem = f"{item.path.stem}_{index}" if multi else item.path.stem
         target, n = directory / f"{stem}.png", 1
         while target.exists():
             n += 1
