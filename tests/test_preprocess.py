@@ -166,6 +166,12 @@ def test_blank_and_noise_only_have_no_ink():
             preprocess(blank)
 
 
+def test_zero_by_zero_images():
+    for empty in (np.zeros((0, 0), np.uint8), np.zeros((0, 5, 3), np.uint8), Image.new("L", (0, 0)), Image.new("RGBA", (4, 0))):
+        with pytest.raises(ImageError, match="nothing to read"):
+            preprocess(empty)
+
+
 def test_open_image_errors(tmp_path):
     with pytest.raises(ImageError, match="no such file"):
         open_image(tmp_path / "missing.png")

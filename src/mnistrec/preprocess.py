@@ -202,6 +202,8 @@ def _to_grey(image: Image.Image | np.ndarray) -> np.ndarray:
         grey, alpha = _array_to_arrays(image)
     else:
         raise ImageError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    if grey.size == 0:
+        raise ImageError(f"image is {grey.shape[-1] if grey.ndim == 2 else 0}×{grey.shape[0]} pixels, nothing to read")
     grey = np.clip(np.nan_to_num(grey.astype(np.float32)), 0.0, 1.0)
     if alpha is not None and float(alpha.min()) < 0.99:
         if float(alpha.max()) < 0.02:
