@@ -214,9 +214,87 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- predict
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict the digit (or number) in your own image files and folders",
+                       description="Predict digits in image files (PNG, JPEG, BMP, GIF, WebP, TIFF) and folders. "
+                                   "Each image is preprocessed the way MNIST was made (see the README). A file that "
+                                   "cannot be read gets one line on stderr; the others are still predicted; the exit "
+                                   "code is 1 when any file failed.")
+    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="how many most likely digits to list (default: 3)")
+    p.add_argument("--json", action="store_true", help='print JSON Lines: {"path", "digit", "confidence", "probabilities", "top_k"}')
+    p.add_argument("--recursive", "-r", action="store_true", help="also look for images in the sub-folders of folders")
+    p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                   help="dark ink on light paper is inverted: auto-detected (default), always (yes) or never (no)")
+    p.add_argument("--multi", action="store_true", help='read a number of several digits, left to right: {"path", "number", "digits": [...]}')
+    p.add_argument("--save-preprocessed", metavar="DIR", help="write the 28×28 images the model saw into DIR as PNG")
+    p.add_argument("--explain", metavar="OUT.png", help="draw input, preprocessed image, probabilities and an occlusion "
+                                                          "saliency map (first 12 images or digits)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+
+def _format_prediction(result: dict) -> str:
+    top = ", ".join(f"{t['digit']} {100 * t['probability']:.1f}%" for t in result["top_k"])
+    return f"{result['digit']:>6}  {100 * result['confidence']:>9.1f}%  {top}"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .checkpoint import load_checkpoint
+    from .predict import expand_paths, predict_files, save_preprocessed
+
+    if args.top_k < 1:
+        raise MnistrecError(f"--top-k must be at least 1, not {args.top_k}")
+    loaded = load_checkpoint(args.checkpoint)
+    paths = expand_paths(args.paths, args.recursive)
+    if not paths:
+        raise MnistrecError(f"no image files found in {', '.join(args.paths)}" + ("" if args.recursive else " (try --recursive)"))
+    bar = tqdm(total=len(paths), unit="file", file=sys.stderr, disable=not _progress(args) or len(paths) < 20)
+    width = min(max(len(str(p)) for p in paths), 60)
+    if not args.json:
+        print(f"{'path':<{width}}  " + (f"{'number':>6}  digits (confidence)" if args.multi else f"{'digit':>6}  {'confidence':>10}  top-{args.top_k}"))
+    failed, explained = 0, []
+    for item in predict_files(loaded.model, paths, args.top_k, args.invert, args.multi, on_done=bar.update):
+        if item.error is not None:
+            failed += 1
+            bar.write(f"mnistrec: error: {item.path}: {item.error}", file=sys.stderr)
+            continue
+        result = item.result
+        if args.json:
+            print(json.dumps(result))
+        elif args.multi:
+            digits = ", ".join(f"{d['digit']} ({100 * d['confidence']:.0f}%)" for d in result["digits"])
+            print(f"{str(item.path):<{width}}  {result['number']:>6}  {digits}")
+        else:
+            print(f"{str(item.path):<{width}}  {_format_prediction(result)}")
+        if args.save_preprocessed:
+            save_preprocessed(item, args.save_preprocessed)
+        if args.explain and len(explained) < 12:
+            explained.append(item)
+    bar.close()
+    if args.explain:
+        from .plots import explain_figure
+        from .predict import explain_rows
+
+        if explained:
+            print(f"explanation: {explain_figure(explain_rows(loaded.model, explained, limit=12), Path(args.explain))}", file=sys.stderr)
+        else:
+            print("mnistrec: error: --explain: no image could be predicted, nothing to draw", file=sys.stderr)
+    if failed:
+        print(f"mnistrec: {failed} of {len(paths)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 # --------------------------------------------------------------------------- entry point
 
-PARSERS = [add_train_parser, add_evaluate_parser, add_plot_parser, add_models_parser, add_download_parser]
+PARSERS = [add_train_parser, add_evaluate_parser, add_plot_parser, add_models_parser, add_download_parser,
+           add_predict_parser]
 PARSERS.append(add_serve_parser)
 
 

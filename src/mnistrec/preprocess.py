@@ -15,7 +15,7 @@ Pipeline (:func:`preprocess`)::
     _ink              polarity (auto|yes|no) -> ink bright; background flattened
                       by a morphological opening (uneven lighting); Otsu threshold;
                       specks removed -> soft ink in [0, 1] and its mask
-    _normalise        crop to the ink's box; stroke width brought into MNIST's range;
+    _normalise        crop to the ink's box; hairlines thickened to MNIST's pen width;
                       longer side -> 20 px (anti-aliased); 28×28 centred on the mass
 
 A 28×28 array already in MNIST style (light ink on black) is *not* special-cased:
@@ -46,8 +46,9 @@ MAX_PIXELS = 50_000_000
 WORK_SIZE = 1024
 #: Longer side of the digit's box, and the field it is centred in, as in MNIST.
 BOX, FIELD, CENTRE = 20, 28, 14.0
-#: Stroke width (2 × ridge distance − 1) of MNIST digits in their 20-px box: median 1.6, 10–90 % range 1.1–3.0.
-STROKE_MIN, STROKE_MAX, STROKE_TARGET = 1.1, 3.5, 1.8
+#: Stroke width (2 × ridge distance − 1) of MNIST digits in their 20-px box: mean 1.85, 10–90 % range 1.1–3.0.
+#: Thinner strokes are thickened to the mean.
+STROKE_MIN, STROKE_TARGET = 1.1, 1.8
 #: Ink must differ from the paper by at least this much (fraction of full scale), else the image is blank.
 MIN_CONTRAST = 0.08
 
@@ -201,6 +202,8 @@ def _to_grey(image: Image.Image | np.ndarray) -> np.ndarray:
         grey, alpha = _array_to_arrays(image)
     else:
         raise ImageError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    if grey.size == 0:
+        raise ImageError(f"image is {grey.shape[-1] if grey.ndim == 2 else 0}×{grey.shape[0]} pixels, nothing to read")
     grey = np.clip(np.nan_to_num(grey.astype(np.float32)), 0.0, 1.0)
     if alpha is not None and float(alpha.min()) < 0.99:
         if float(alpha.max()) < 0.02:
@@ -250,23 +253,47 @@ def _ink_is_dark(grey: np.ndarray) -> bool:
 
 
 def _background(ink_bright: np.ndarray) -> np.ndarray:
-    """Lower envelope of the image without its strokes: a morphological opening, computed at a coarse scale.
+    """The paper's brightness under the strokes (uneven lighting), computed at ≤ 96 px on the longer side.
 
-    An opening with a window wider than any stroke removes the strokes and keeps
-    linear lighting gradients exactly, so subtracting it flattens shadows and
-    vignetting. Working at ≤ 96 px on the longer side keeps it cheap for big photos.
+    First a morphological opening with a window wider than any stroke: it removes
+    the strokes and keeps lighting gradients, except within half a window of the
+    borders. The pixels it calls paper are then fitted with a smooth quadratic
+    surface, which has no such border error (shadows and vignetting are smooth);
+    if the quadratic does not fit the paper (a hard shadow edge), the opening is used.
     """
     h, w = ink_bright.shape
     factor = min(1.0, 96.0 / max(h, w))
     small = ndi.zoom(ink_bright, factor, order=1, grid_mode=True, mode="nearest") if factor < 1 else ink_bright
     window = max(3, int(round(0.3 * max(small.shape))))
-    envelope = ndi.grey_opening(small, size=(window, window), mode="nearest")
-    envelope = ndi.uniform_filter(envelope, size=max(1, window // 2), mode="nearest")
-    # Smoothing may lift the envelope above the true minimum; never above the opening itself.
-    envelope = np.minimum(envelope, ndi.grey_opening(small, size=(window, window), mode="nearest"))
+    opening = ndi.grey_opening(small, size=(window, window), mode="nearest")
+    residual = small - opening
+    spread = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+    paper = residual < max(3 * spread, 0.03)
+
+    def design(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        y = rows / max(shape[0] - 1, 1) * 2 - 1
+        x = cols / max(shape[1] - 1, 1) * 2 - 1
+        return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], -1)
+
+    if paper.sum() >= 0.2 * paper.size and paper.size >= 36:
+        rows, cols = np.nonzero(paper)
+        values = small[rows, cols]
+        coef = None
+        for _ in range(2):  # refit without the pixels the first fit calls ink
+            coef, *_ = np.linalg.lstsq(design(rows.astype(np.float64), cols.astype(np.float64), small.shape), values, rcond=None)
+            fit = design(rows.astype(np.float64), cols.astype(np.float64), small.shape) @ coef
+            error = values - fit
+            keep = error < max(3 * float(error.std()), 0.03)
+            rows, cols, values = rows[keep], cols[keep], values[keep]
+        if float(np.abs(error[keep]).mean()) < 0.04:
+            grid_r, grid_c = np.mgrid[0:h, 0:w].astype(np.float64)
+            # Full-resolution coordinates mapped onto the small image's grid.
+            return (design(grid_r * (small.shape[0] - 1) / max(h - 1, 1), grid_c * (small.shape[1] - 1) / max(w - 1, 1),
+                           small.shape) @ coef).astype(np.float32)
+    envelope = ndi.uniform_filter(opening, size=max(1, window // 2), mode="nearest")
+    envelope = np.minimum(envelope, opening)  # smoothing must not lift the envelope above the opening
     if factor < 1:
-        envelope = ndi.zoom(envelope, (h / envelope.shape[0], w / envelope.shape[1]), order=1, grid_mode=True, mode="nearest")
-        envelope = envelope[:h, :w]
+        envelope = ndi.zoom(envelope, (h / envelope.shape[0], w / envelope.shape[1]), order=1, grid_mode=True, mode="nearest")[:h, :w]
     return envelope
 
 
@@ -307,31 +334,32 @@ def _drop_specks(mask: np.ndarray, fraction: float = 0.04) -> np.ndarray:
 
 
 def _stroke_width(mask: np.ndarray) -> float:
-    """Typical stroke width in pixels: 2 × mean distance-to-background on the ridge − 1 (1 for a 1-px line)."""
+    """Typical stroke width in pixels: 2 × mean distance-to-background on the ridge − 1 (1 for a 1-px line).
+
+    Measured on a 3×3-median-smoothed mask (united with the mask) so that noise
+    nibbling at the edges of a stroke does not make it look thin.
+    """
+    if min(mask.shape) >= 3:
+        mask = mask | ndi.median_filter(mask.astype(np.uint8), size=3).astype(bool)
     edt = ndi.distance_transform_edt(mask)
     ridge = mask & (edt >= ndi.maximum_filter(edt, size=3))
     return float(2 * edt[ridge].mean() - 1) if ridge.any() else 1.0
 
 
-def _adjust_stroke(soft: np.ndarray, mask: np.ndarray, scale: float) -> np.ndarray:
-    """Thicken hairlines and thin very bold pens so that, once scaled by ``scale``, strokes look like MNIST's.
+def _thicken(soft: np.ndarray, mask: np.ndarray, scale: float) -> np.ndarray:
+    """Thicken hairlines so that, once scaled by ``scale``, they are as wide as MNIST's pen strokes.
 
-    Done with distance transforms (cost independent of the radius): dilation by r
-    is ``distance_to_ink <= r``, erosion is ``distance_to_paper > r``; the 1-px
-    ramp keeps the edge anti-aliased.
+    A thin pen on a big picture would otherwise shrink to a faint sub-pixel line.
+    Dilation by r uses a distance transform (cost independent of r): ``distance
+    to ink <= r``, with a 1-px ramp that keeps the edge anti-aliased. Bold pens are
+    left alone: thinning them was measured to hurt (benchmarks/bench_robustness.py).
     """
     width = _stroke_width(mask) * scale
-    if STROKE_MIN <= width <= STROKE_MAX:
+    if width >= STROKE_MIN:
         return soft
-    if width < STROKE_MIN:
-        radius = (STROKE_TARGET - width) / (2 * scale)
-        outside = ndi.distance_transform_edt(~mask)
-        grown = np.clip(radius + 1.0 - outside, 0.0, 1.0)
-        return np.maximum(soft, grown).astype(np.float32)
-    # Bold: remove at most a third of the width so that no stroke disappears.
-    radius = min((width - STROKE_TARGET) / (2 * scale), _stroke_width(mask) / 3)
-    inside = ndi.distance_transform_edt(mask)
-    return (soft * np.clip(inside - radius, 0.0, 1.0)).astype(np.float32)
+    radius = (STROKE_TARGET - width) / (2 * scale)
+    outside = ndi.distance_transform_edt(~mask)
+    return np.maximum(soft, np.clip(radius + 1.0 - outside, 0.0, 1.0)).astype(np.float32)
 
 
 def _normalise(soft: np.ndarray, mask: np.ndarray) -> torch.Tensor:
@@ -345,7 +373,7 @@ def _normalise(soft: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     crop, crop_mask = soft[top:bottom, left:right], mask[top:bottom, left:right]
     box_h, box_w = crop_mask.any(1).sum(), crop_mask.any(0).sum()
     scale = BOX / max(box_h, box_w)
-    crop = _adjust_stroke(crop, crop_mask, scale)
+    crop = _thicken(crop, crop_mask, scale)
     h, w = crop.shape
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
     # Pillow's LANCZOS widens its kernel when shrinking, i.e. it anti-aliases.
