@@ -44,13 +44,19 @@ data: setup
 run: setup data
 	$(PY) -m mnistrec train --recipe $(RECIPE) --data-dir "$(DATA_DIR)" --out runs/$(RECIPE)
 
-test: dev
+test: dev browser
 	@# pytest exits 5 when it collected no test: that is a failure, never a pass.
 	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
 		if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
 
+# The browser end-to-end test drives Debian's Chromium (no browser download of Playwright's own).
+browser:
+	@[ -x /usr/bin/chromium ] || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
 benchmarks: dev
 	$(PY) benchmarks/bench_seed_pipeline.py --data-dir "$(DATA_DIR)"
+	@[ -f runs/$(RECIPE)/model.pth ] || $(PY) -m mnistrec train --recipe $(RECIPE) --data-dir "$(DATA_DIR)" --out runs/$(RECIPE) --save '' --no-plots
+	$(PY) benchmarks/bench_robustness.py --checkpoint runs/$(RECIPE)/model.pth --data-dir "$(DATA_DIR)"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

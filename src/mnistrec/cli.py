@@ -245,10 +245,131 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# --------------------------------------------------------------------------- serve
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="the web app (draw a digit) and the HTTP API, on uvicorn",
+                       description="Serve the drawing page at / and the HTTP API (/api, /v2, /docs) for one checkpoint.")
+    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                   "0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own model (default: 1)")
+    p.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body in MiB (default: 10; 413 above)")
+    p.add_argument("--max-batch", type=int, default=64, help="most images per request (default: 64)")
+    p.add_argument("--model-name", default="mnistrec", help="model name in the /v2 protocol (default: mnistrec)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as exc:
+        raise MnistrecError(f"serving needs the 'serve' extra (pip install 'mnistrec[serve]'): {exc}") from None
+    if args.workers < 1 or not 0 < args.port < 65536 or args.max_batch < 1 or args.max_request_mb <= 0:
+        raise MnistrecError("--workers and --max-batch must be >= 1, --port in 1..65535, --max-request-mb > 0")
+    settings = {"max_request_bytes": int(args.max_request_mb * 1024 * 1024), "max_batch_images": args.max_batch,
+                "model_name": args.model_name}
+    app = create_app(args.checkpoint, **settings)  # fails here, with one line, on a bad checkpoint
+    print(f"mnistrec: serving {args.checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
+    # Several processes need an import string; each worker builds its own app from these variables.
+    os.environ.update({"MNISTREC_SERVE_CHECKPOINT": str(Path(args.checkpoint).resolve()),
+                       "MNISTREC_SERVE_MAX_REQUEST_BYTES": str(settings["max_request_bytes"]),
+                       "MNISTREC_SERVE_MAX_BATCH": str(args.max_batch), "MNISTREC_SERVE_MODEL_NAME": args.model_name})
+    del app
+    uvicorn.run("mnistrec.serve.app:create_app_from_env", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level="warning")
+    return 0
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict the digit (or number) in your own image files and folders",
+                       description="Predict digits in image files (PNG, JPEG, BMP, GIF, WebP, TIFF) and folders. "
+                                   "Each image is preprocessed the way MNIST was made (see the README). A file that "
+                                   "cannot be read gets one line on stderr; the others are still predicted; the exit "
+                                   "code is 1 when any file failed.")
+    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="how many most likely digits to list (default: 3)")
+    p.add_argument("--json", action="store_true", help='print JSON Lines: {"path", "digit", "confidence", "probabilities", "top_k"}')
+    p.add_argument("--recursive", "-r", action="store_true", help="also look for images in the sub-folders of folders")
+    p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
+                   help="dark ink on light paper is inverted: auto-detected (default), always (yes) or never (no)")
+    p.add_argument("--multi", action="store_true", help='read a number of several digits, left to right: {"path", "number", "digits": [...]}')
+    p.add_argument("--save-preprocessed", metavar="DIR", help="write the 28×28 images the model saw into DIR as PNG")
+    p.add_argument("--explain", metavar="OUT.png", help="draw input, preprocessed image, probabilities and an occlusion "
+                                                          "saliency map (first 12 images or digits)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+
+def _format_prediction(result: dict) -> str:
+    top = ", ".join(f"{t['digit']} {100 * t['probability']:.1f}%" for t in result["top_k"])
+    return f"{result['digit']:>6}  {100 * result['confidence']:>9.1f}%  {top}"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .checkpoint import load_checkpoint
+    from .predict import expand_paths, predict_files, save_preprocessed
+
+    if args.top_k < 1:
+        raise MnistrecError(f"--top-k must be at least 1, not {args.top_k}")
+    loaded = load_checkpoint(args.checkpoint)
+    paths = expand_paths(args.paths, args.recursive)
+    if not paths:
+        raise MnistrecError(f"no image files found in {', '.join(args.paths)}" + ("" if args.recursive else " (try --recursive)"))
+    bar = tqdm(total=len(paths), unit="file", file=sys.stderr, disable=not _progress(args) or len(paths) < 20)
+    width = min(max(len(str(p)) for p in paths), 60)
+    if not args.json:
+        print(f"{'path':<{width}}  " + (f"{'number':>6}  digits (confidence)" if args.multi else f"{'digit':>6}  {'confidence':>10}  top-{args.top_k}"))
+    failed, explained = 0, []
+    for item in predict_files(loaded.model, paths, args.top_k, args.invert, args.multi, on_done=bar.update):
+        if item.error is not None:
+            failed += 1
+            bar.write(f"mnistrec: error: {item.path}: {item.error}", file=sys.stderr)
+            continue
+        result = item.result
+        if args.json:
+            print(json.dumps(result))
+        elif args.multi:
+            digits = ", ".join(f"{d['digit']} ({100 * d['confidence']:.0f}%)" for d in result["digits"])
+            print(f"{str(item.path):<{width}}  {result['number']:>6}  {digits}")
+        else:
+            print(f"{str(item.path):<{width}}  {_format_prediction(result)}")
+        if args.save_preprocessed:
+            save_preprocessed(item, args.save_preprocessed)
+        if args.explain and len(explained) < 12:
+            explained.append(item)
+    bar.close()
+    if args.explain:
+        from .plots import explain_figure
+        from .predict import explain_rows
+
+        if explained:
+            print(f"explanation: {explain_figure(explain_rows(loaded.model, explained, limit=12), Path(args.explain))}", file=sys.stderr)
+        else:
+            print("mnistrec: error: --explain: no image could be predicted, nothing to draw", file=sys.stderr)
+    if failed:
+        print(f"mnistrec: {failed} of {len(paths)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 # --------------------------------------------------------------------------- entry point
 
-PARSERS = [add_train_parser, add_evaluate_parser, add_plot_parser, add_models_parser, add_download_parser]
-PARSERS.append(add_export_parser)
+PARSERS = [add_train_parser, add_evaluate_parser, add_plot_parser, add_predict_parser, add_serve_parser,
+           add_export_parser, add_models_parser, add_download_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

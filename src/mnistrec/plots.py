@@ -122,3 +122,36 @@ def plot_run(run_dir: str | Path, data_dir: str | Path | None = None, sample_cou
         confusion_heatmap(metrics["confusion_matrix"], run_dir / "confusion.png"),
         confident_mistakes(images, labels, probabilities, run_dir / "mistakes.png"),
     ]
+
+
+def explain_figure(rows: Sequence[dict], path: Path) -> Path:
+    """One row per prediction: the input picture, the 28×28 the model saw, probability bars, occlusion saliency.
+
+    Each row is ``{"title", "input": PIL image or array, "tensor": [1, 28, 28], "probabilities": [10], "saliency": [28, 28]}``.
+    """
+    count = max(1, len(rows))
+    fig, axes = plt.subplots(count, 4, figsize=(13, 2.8 * count), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.3, 1, 1.6, 1]})
+    for ax_row, row in zip(axes, rows):
+        ax_in, ax_pre, ax_bar, ax_sal = ax_row
+        picture = np.asarray(row["input"])
+        ax_in.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+        ax_in.set_title(row["title"], fontsize=9)
+        ax_pre.imshow(np.asarray(row["tensor"]).reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+        ax_pre.set_title("what the model saw (28×28)", fontsize=9)
+        probs = np.asarray(row["probabilities"], dtype=float)
+        best = int(probs.argmax())
+        ax_bar.bar(range(10), 100 * probs, color=["tab:red" if d == best else "tab:blue" for d in range(10)])
+        ax_bar.set(xticks=range(10), ylim=(0, 100), ylabel="%", xlabel="digit")
+        ax_bar.set_title(f"prediction {best} ({100 * probs[best]:.1f}%)", fontsize=9)
+        ax_bar.grid(axis="y", alpha=0.3)
+        saliency = np.asarray(row["saliency"], dtype=float).reshape(28, 28)
+        limit = max(float(np.abs(saliency).max()), 1e-6)
+        ax_sal.imshow(np.asarray(row["tensor"]).reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+        ax_sal.imshow(saliency, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.6)
+        ax_sal.set_title(f"occlusion saliency for {best}\n(red: evidence for, blue: against)", fontsize=9)
+        for ax in (ax_in, ax_pre, ax_sal):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return _save(fig, Path(path))

@@ -1,0 +1,274 @@
+"""Load benchmark of ``mnistrec serve``: 16 concurrent clients for 30 s against 127.0.0.1 only.
+
+Starts a real server in a subprocess and, from concurrent keep-alive clients,
+for a bounded time and count, sends single predictions in two phases:
+
+- ``png``: a real MNIST test digit as the web page sends a drawing (140x140
+  PNG, dark ink on white): decoding + the shared preprocessing + the model;
+- ``pixels``: the same digit as a 28x28 JSON array (no preprocessing): the
+  server, the micro-batcher and the model alone.
+
+It reports p50/p95/p99 latency, requests per second, errors, the batching
+achieved and the server's resident memory before and after each phase. The
+reference measured in the same run is the same work in-process with no HTTP,
+one image at a time: ``ratio_p50`` says what HTTP, queueing and batching add.
+
+    python benchmarks/bench_serve_load.py [--checkpoint mnist_model.pth] [--clients 16] [--seconds 30]
+
+Without a checkpoint it trains the seed model for one epoch first: latency
+depends on the architecture, not on how well the weights are trained.
+Writes ``benchmarks/results/serve_load.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mnistrec.data import load_split  # noqa: E402
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process from /proc (Linux), in MiB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used, from /proc (Linux)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def user_png(digit: np.ndarray) -> bytes:
+    """An MNIST digit as a drawing from the web page: dark ink on white, 140x140 PNG."""
+    page = Image.fromarray(255 - digit).resize((140, 140), Image.BILINEAR)
+    buffer = io.BytesIO()
+    page.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def quick_checkpoint(data_dir: str | None, out: Path) -> Path:
+    from mnistrec.data import load_mnist
+    from mnistrec.train import make_config, train
+
+    train(make_config("seed", epochs=1), load_mnist(data_dir), out, progress=False, log=lambda _: None)
+    return out / "model.pth"
+
+
+def reference_ms(checkpoint: Path, bodies: list, kind: str, repeats: int) -> list[float]:
+    """The same work without HTTP, one image at a time in this process: (decode + preprocess +) forward."""
+    from mnistrec.checkpoint import load_checkpoint
+    from mnistrec.predict import predict_tensors
+    from mnistrec.preprocess import open_image, preprocess
+
+    model = load_checkpoint(checkpoint).model
+    times = []
+    for i in range(repeats):
+        body = bodies[i % len(bodies)]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if kind == "png":
+                x = preprocess(open_image(body)).unsqueeze(0)
+            else:
+                x = torch.tensor(json.loads(body)["pixels"]).reshape(1, 1, 28, 28)
+            predict_tensors(model, x)
+        times.append((time.perf_counter() - start) * 1000)
+    return times[repeats // 10:]  # without the warm-up
+
+
+CONTENT_TYPES = {"png": "image/png", "pixels": "application/json"}
+
+
+async def load(url: str, bodies: list[bytes], kind: str, clients: int, seconds: float, max_requests: int) -> dict:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+    sent = 0
+
+    async def client(k: int) -> None:
+        nonlocal sent
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            i = k
+            while time.monotonic() < deadline and sent < max_requests:
+                sent += 1
+                start = time.perf_counter()
+                try:
+                    response = await http.post("/api/predict", content=bodies[i % len(bodies)],
+                                               headers={"content-type": CONTENT_TYPES[kind]})
+                    ok = response.status_code == 200 and "digit" in response.json()
+                    key = None if ok else f"HTTP {response.status_code}"
+                except httpx.HTTPError as exc:
+                    key = type(exc).__name__
+                if key:
+                    errors[key] = errors.get(key, 0) + 1
+                else:
+                    latencies.append((time.perf_counter() - start) * 1000)
+                i += clients
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    elapsed = time.monotonic() - started
+    return {"latencies": latencies, "errors": errors, "seconds": elapsed, "sent": sent}
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    q = np.percentile(values, [50, 95, 99])
+    return {"p50_ms": round(float(q[0]), 2), "p95_ms": round(float(q[1]), 2), "p99_ms": round(float(q[2]), 2),
+            "mean_ms": round(statistics.fmean(values), 2), "max_ms": round(max(values), 2)}
+
+
+REQUESTS = {"png": "POST /api/predict, image/png body: a 140x140 dark-on-white MNIST test digit (what the page sends)",
+            "pixels": "POST /api/predict, JSON {\"pixels\": 28x28 floats}: no preprocessing"}
+
+
+def phase_report(kind: str, result: dict, health_before: dict, health_after: dict, rss_before: float,
+                 rss_after: float, reference: list[float]) -> dict:
+    served = health_after["requests"] - health_before["requests"]
+    passes = health_after["forward_passes"] - health_before["forward_passes"]
+    ok = len(result["latencies"])
+    stats, ref = percentiles(result["latencies"]), percentiles(reference)
+    return {
+        "request": REQUESTS[kind],
+        "requests": {"sent": result["sent"], "ok": ok, "errors": sum(result["errors"].values()),
+                     "error_kinds": result["errors"], "per_second": round(ok / result["seconds"], 1),
+                     "seconds": round(result["seconds"], 2)},
+        "latency": stats,
+        "server_cpu_ms_per_request": round(1000 * result["server_cpu_seconds"] / ok, 2) if ok else None,
+        "batching": {"requests": served, "forward_passes": passes, "mean_batch": round(served / passes, 2) if passes else None},
+        "memory_mb": {"rss_before": round(rss_before, 1), "rss_after": round(rss_after, 1),
+                      "growth": round(rss_after - rss_before, 1)},
+        "reference_in_process": {"what": "the same work in this process, one image at a time, no HTTP", **ref},
+        "ratio_p50": round(stats["p50_ms"] / ref["p50_ms"], 2) if stats and ref else None,
+        "targets": {"p99_under_50ms": bool(stats) and stats["p99_ms"] < 50, "zero_errors": not result["errors"],
+                    "flat_memory_under_10pct": rss_after - rss_before < 0.1 * rss_before},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="checkpoint to serve (default: mnist_model.pth if present, else a 1-epoch seed model)")
+    parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR"))
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--max-requests", type=int, default=200_000, help="stop after this many requests, whatever the time")
+    parser.add_argument("--requests", default="png,pixels", help="phases to run, comma-separated: png, pixels")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(args.checkpoint or REPO / "mnist_model.pth")
+        note = None
+        if not checkpoint.is_file():
+            if args.checkpoint:
+                sys.exit(f"bench_serve_load: {checkpoint}: no such checkpoint")
+            print("no mnist_model.pth: training the seed model for one epoch …", file=sys.stderr)
+            checkpoint = quick_checkpoint(args.data_dir, Path(tmp) / "run")
+            note = "seed MLP trained for 1 epoch by the benchmark (latency depends on the architecture only)"
+
+        images, _ = load_split("test", args.data_dir)
+        bodies = {"png": [user_png(images[i].numpy()) for i in range(64)],
+                  "pixels": [json.dumps({"pixels": (images[i].float() / 255).tolist()}).encode() for i in range(64)]}
+        info = machine()
+        kinds = [k for k in args.requests.split(",") if k]
+        references = {kind: reference_ms(checkpoint, bodies[kind], kind, 300) for kind in kinds}
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        server = subprocess.Popen([sys.executable, "-m", "mnistrec", "serve", str(checkpoint), "--port", str(port)],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        phases = {}
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if server.poll() is not None:
+                    sys.exit(f"bench_serve_load: the server exited: {server.stderr.read().decode()}")
+                try:
+                    if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    sys.exit("bench_serve_load: the server did not start within 120 s")
+                time.sleep(0.3)
+            for kind in kinds:
+                for body in bodies[kind]:  # warm-up: first-call costs are not part of steady state
+                    httpx.post(url + "/api/predict", content=body, headers={"content-type": CONTENT_TYPES[kind]}, timeout=30)
+                health_before = httpx.get(url + "/api/health").json()
+                rss_before, cpu_before = rss_mb(server.pid), cpu_seconds(server.pid)
+                result = asyncio.run(load(url, bodies[kind], kind, args.clients, args.seconds, args.max_requests))
+                rss_after, cpu_after = rss_mb(server.pid), cpu_seconds(server.pid)
+                result["server_cpu_seconds"] = cpu_after - cpu_before
+                health_after = httpx.get(url + "/api/health").json()
+                phases[kind] = phase_report(kind, result, health_before, health_after, rss_before, rss_after,
+                                            references[kind])
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    report = {
+        "benchmark": "serve_load",
+        "command": "python benchmarks/bench_serve_load.py " + " ".join(sys.argv[1:]),
+        "machine": {**info, "load_average_1m_after": os.getloadavg()[0],
+                    "note": "shared machine: 2 cores used by several engineers at once (see load_average_1m); "
+                            "the load generator runs on the same cores as the server"},
+        "setup": {"clients": args.clients, "seconds_per_phase": args.seconds, "max_requests_per_phase": args.max_requests,
+                  "server": "mnistrec serve --workers 1 (uvicorn), 127.0.0.1",
+                  "checkpoint": checkpoint.name, "checkpoint_note": note},
+        "phases": phases,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["phases"], indent=2))
+    print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

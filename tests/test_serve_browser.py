@@ -1,0 +1,262 @@
+"""End to end: a real ``mnistrec serve`` on 127.0.0.1 and Debian's Chromium driven by Playwright.
+
+Draws digits with mouse strokes, uploads, drops and pastes PNGs, and checks the
+prediction, the bars and the 28x28 view. Screenshots go to ``test-artifacts/``.
+Without ``/usr/bin/chromium`` the tests are skipped, except in CI (``CI=true``),
+where they fail: ``make test`` installs the browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, cli_env
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = REPO / "test-artifacts"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(mlp_checkpoint, tmp_path_factory):
+    """``mnistrec serve`` in a subprocess on a free loopback port; stopped after the module."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mnistrec", "serve", str(mlp_checkpoint), "--port", str(port)],
+                                cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90  # a loaded 2-core machine imports torch slowly
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mnistrec serve exited with {proc.returncode}: {log.read_text()}")
+            try:
+                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mnistrec serve did not answer within 90 s: {log.read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + "; in CI the browser test must run")
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server, request):
+    """A fresh page on the app; it fails the test on any request that leaves this server."""
+    context = browser.new_context(viewport={"width": 900, "height": 820}, color_scheme=getattr(request, "param", "light"))
+    page = context.new_page()
+    outside, errors = [], []
+    page.on("request", lambda r: outside.append(r.url) if not r.url.startswith((server, "data:", "blob:")) else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server + "/")
+    yield page
+    context.close()
+    assert not outside, f"the page loaded from elsewhere: {outside}"
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+def predictions(page) -> int:
+    return int(page.locator("body").get_attribute("data-predictions") or 0)
+
+
+def wait_for_prediction(page, after: int) -> None:
+    page.locator(f"body[data-predictions='{after + 1}'], body[data-predictions='{after + 2}']").wait_for(timeout=30_000)
+
+
+def draw(page, strokes: list[list[tuple[float, float]]]) -> None:
+    """Mouse strokes on the canvas; points are fractions of its size."""
+    box = page.locator("#canvas").bounding_box()
+    for stroke in strokes:
+        x, y = stroke[0]
+        page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"])
+        page.mouse.down()
+        for (x0, y0), (x1, y1) in zip(stroke, stroke[1:]):
+            for t in np.linspace(0.1, 1.0, 8):  # many small moves, like a hand
+                page.mouse.move(box["x"] + (x0 + t * (x1 - x0)) * box["width"], box["y"] + (y0 + t * (y1 - y0)) * box["height"])
+        page.mouse.up()
+
+
+def shown(page) -> dict:
+    bars = page.locator("#bars li")
+    return {
+        "digit": page.locator("#digit").text_content(),
+        "bars": bars.count(),
+        "top": page.locator("#bars li.top").get_attribute("data-digit"),
+        "top_width": page.locator("#bars li.top .fill").evaluate("e => e.getBoundingClientRect().width / e.parentElement.getBoundingClientRect().width"),
+        "labels": [bars.nth(i).get_attribute("aria-label") for i in range(bars.count())],
+        "status": page.locator("#status").text_content(),
+    }
+
+
+SEVEN = [[(0.25, 0.2), (0.75, 0.2), (0.45, 0.85)]]
+ONE = [[(0.5, 0.15), (0.5, 0.85)]]
+
+
+def seen_has_ink(page) -> bool:
+    """The 28x28 view holds a drawn image (screenshot of that canvas has bright pixels)."""
+    png = page.locator("#seen").screenshot()
+    return np.asarray(Image.open(io.BytesIO(png)).convert("L")).max() > 200
+
+
+@pytest.mark.parametrize("page", ["light", "dark"], indirect=True)
+def test_drawing_a_digit_shows_its_prediction_and_bars(page, request):
+    scheme = request.node.callspec.params["page"]
+    assert page.locator("#digit").text_content() == "–"
+    before = predictions(page)
+    draw(page, SEVEN)
+    wait_for_prediction(page, before)
+    result = shown(page)
+    assert result["digit"] == "7" and result["top"] == "7", result
+    assert result["bars"] == 10 and all("%" in label for label in result["labels"])
+    assert result["top_width"] > 0.5
+    assert seen_has_ink(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"draw-seven-{scheme}.png"), full_page=True)
+
+
+def test_undo_clear_and_keyboard(page):
+    before = predictions(page)
+    draw(page, ONE)
+    wait_for_prediction(page, before)
+    assert page.locator("#digit").text_content() == "1"
+    before = predictions(page)
+    draw(page, [[(0.3, 0.3), (0.7, 0.3)]])  # a second stroke, then undo it
+    wait_for_prediction(page, before)
+    before = predictions(page)
+    page.get_by_role("button", name="Undo").click()
+    wait_for_prediction(page, before)
+    assert page.locator("#digit").text_content() == "1"
+    page.get_by_role("button", name="Clear").focus()
+    page.keyboard.press("Enter")
+    assert page.locator("#digit").text_content() == "–"
+    draw(page, ONE)
+    page.locator("#digit").filter(has_text="1").wait_for(timeout=30_000)
+    page.keyboard.press("Escape")
+    assert page.locator("#digit").text_content() == "–"
+    # Every control has an accessible name.
+    assert page.get_by_label("Stroke width").count() == 1 and page.get_by_label("Upload image…").count() == 1
+
+
+def mnist_png(mnist, index: int) -> bytes:
+    """A test digit as a user would photograph it: dark ink on white, larger and off-centre."""
+    digit = mnist.test_images[index].numpy()
+    page = np.zeros((160, 200), np.uint8)
+    page[30:30 + 84, 90:90 + 84] = np.asarray(Image.fromarray(digit).resize((84, 84), Image.BILINEAR))
+    buffer = io.BytesIO()
+    Image.fromarray(255 - page).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def expected_digit(server: str, data: bytes) -> int:
+    response = httpx.post(f"{server}/api/predict", files={"file": ("x.png", data, "image/png")}, timeout=30)
+    return response.json()["digit"]
+
+
+def test_uploading_a_png_shows_its_prediction(page, server, mnist, tmp_path):
+    data = mnist_png(mnist, 0)
+    label = int(mnist.test_labels[0])
+    assert expected_digit(server, data) == label  # the model gets this one right
+    path = tmp_path / "my-digit.png"
+    path.write_bytes(data)
+    before = predictions(page)
+    page.set_input_files("#file", str(path))
+    wait_for_prediction(page, before)
+    result = shown(page)
+    assert result["digit"] == str(label) and result["top"] == str(label)
+    assert "my-digit.png" in result["status"]
+    assert seen_has_ink(page)
+    page.screenshot(path=str(ARTIFACTS / "upload.png"), full_page=True)
+
+
+def _send_file_event(page, data: bytes, kind: str) -> None:
+    """Drop a file on the pad, or paste it, as the browser would (a DataTransfer holding a File)."""
+    page.evaluate(
+        """([b64, kind]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], kind + ".png", {type: "image/png"}));
+            if (kind === "dropped") {
+                const pad = document.getElementById("pad");
+                pad.dispatchEvent(new DragEvent("dragover", {dataTransfer: dt, bubbles: true, cancelable: true}));
+                pad.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+            } else {
+                document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: dt, bubbles: true, cancelable: true}));
+            }
+        }""",
+        [base64.b64encode(data).decode(), kind],
+    )
+
+
+@pytest.mark.parametrize("kind, index", [("dropped", 1), ("pasted", 2)])
+def test_drop_and_paste_an_image(page, server, mnist, kind, index):
+    data = mnist_png(mnist, index)
+    before = predictions(page)
+    _send_file_event(page, data, kind)
+    wait_for_prediction(page, before)
+    assert page.locator("#digit").text_content() == str(expected_digit(server, data))
+    assert f"{kind}.png" in page.locator("#status").text_content()
+
+
+def test_a_bad_file_shows_the_servers_message(page, tmp_path):
+    path = tmp_path / "blank.png"
+    Image.new("L", (50, 50), 255).save(path)
+    page.set_input_files("#file", str(path))
+    page.locator("#status.error").wait_for(timeout=30_000)
+    assert "no ink" in page.locator("#status").text_content()
+
+
+def test_phone_sized_screen_has_no_horizontal_scroll(browser, server):
+    context = browser.new_context(viewport={"width": 360, "height": 740}, has_touch=True, is_mobile=True)
+    page = context.new_page()
+    page.goto(server + "/")
+    widths = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    canvas = page.locator("#canvas").bounding_box()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)
+    context.close()
+    assert widths[0] <= widths[1]
+    assert canvas["width"] >= 250 and canvas["x"] >= 0 and canvas["x"] + canvas["width"] <= 360
