@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, MnistrecError
 
 IMAGE_MAGIC = 0x00000803
 LABEL_MAGIC = 0x00000801
@@ -231,14 +231,13 @@ def load_split(
 
 
 def _write_cache(cache: tuple[Path, Path], images: np.ndarray, labels: np.ndarray) -> None:
+    from .checkpoint import atomic_write  # no partial file left behind on a full disk
+
     try:
-        cache[0].parent.mkdir(parents=True, exist_ok=True)
         for target, array in zip(cache, (images, labels)):
-            with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as tmp:
-                np.save(tmp, array, allow_pickle=False)
-            os.replace(tmp.name, target)
-    except OSError:
-        pass  # the cache is an optimisation; a read-only home must not stop training
+            atomic_write(target, lambda fh, array=array: np.save(fh, array, allow_pickle=False))
+    except MnistrecError:
+        pass  # the cache is an optimisation; a read-only or full home must not stop training
 
 
 @dataclass

@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -320,8 +321,10 @@ def train(
     if run_dir:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
+            # Fail now, not after the first epoch, when the directory cannot take a checkpoint.
+            tempfile.TemporaryFile(dir=run_dir).close()
         except OSError as exc:
-            raise MnistrecError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
+            raise MnistrecError(f"cannot write to run directory {run_dir}: {exc.strerror or exc}") from None
 
     torch.manual_seed(config.seed)
     shuffle_gen = torch.Generator().manual_seed(config.seed)
@@ -440,7 +443,7 @@ def train(
                         logits = train_model(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
                     if not torch.isfinite(loss):
-                        raise _non_finite(f"loss became {float(loss)}", epoch, step, optimizer, state_path)
+                        raise _non_finite(f"loss became {loss.item()}", epoch, step, optimizer, state_path)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
