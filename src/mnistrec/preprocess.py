@@ -263,7 +263,9 @@ def _background(ink_bright: np.ndarray) -> np.ndarray:
     """
     h, w = ink_bright.shape
     factor = min(1.0, 96.0 / max(h, w))
-    small = ndi.zoom(ink_bright, factor, order=1, grid_mode=True, mode="nearest") if factor < 1 else ink_bright
+    # Per-axis zoom to at least one pixel: a 1-px-high strip must not zoom to an empty array.
+    target = (max(1, round(h * factor)), max(1, round(w * factor)))
+    small = ndi.zoom(ink_bright, (target[0] / h, target[1] / w), order=1, grid_mode=True, mode="nearest") if factor < 1 else ink_bright
     window = max(3, int(round(0.3 * max(small.shape))))
     opening = ndi.grey_opening(small, size=(window, window), mode="nearest")
     residual = small - opening
