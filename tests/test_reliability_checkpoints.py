@@ -7,13 +7,9 @@ really creates the marker file. Only then is our loader checked to refuse it.
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import random
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +18,7 @@ import torch
 from conftest import run_cli
 from mnistrec.checkpoint import load_checkpoint, read_checkpoint
 from mnistrec.cli import main
-from mnistrec.errors import CheckpointError, MnistrecError
+from mnistrec.errors import CheckpointError
 from mnistrec.models import create_model, model_names
 
 

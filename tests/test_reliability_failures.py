@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, cli_env
+from conftest import cli_env
 from mnistrec.checkpoint import load_checkpoint, save_checkpoint
 from mnistrec.cli import main
 

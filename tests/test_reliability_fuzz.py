@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import io
 import random
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -151,33 +149,11 @@ def test_corrupted_image_files_predict_or_raise_image_error(mnist, mlp_checkpoin
 def served(mlp_checkpoint, tmp_path_factory):
     """``mnistrec serve`` on a free loopback port (bounded start-up), stopped after the module."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from bench_serve_load import free_port
+    from soak_serve import running_server
 
-    port = free_port()
     log = tmp_path_factory.mktemp("fuzz-serve") / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mnistrec", "serve", str(mlp_checkpoint), "--port", str(port)],
-                                cwd=REPO, env=cli_env(OMP_NUM_THREADS="1"), stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"mnistrec serve exited: {log.read_text()}"
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"mnistrec serve did not start: {log.read_text()}"
-            time.sleep(0.3)
+    with running_server(mlp_checkpoint, log, env=cli_env(OMP_NUM_THREADS="1"), start_timeout=90) as (url, _):
         yield url, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_served_openapi_schema_never_gets_a_server_error(served):

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, cli_env, run_cli
+from conftest import cli_env, run_cli
 
 # One thread: bit-exactness compares runs with the same thread count (a different
 # count changes the float summation order), and on a loaded 2-core machine one
