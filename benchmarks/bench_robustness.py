@@ -278,6 +278,7 @@ def main() -> int:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "checkpoint": str(args.checkpoint),
         "model": loaded.model_name,
+        "recipe": (loaded.meta.get("config") or {}).get("recipe"),
         "model_test_accuracy": (loaded.meta.get("metrics") or {}).get("accuracy"),
         "digits_per_transformation": args.count,
         "reference": "prediction of the same model on the plain MNIST test digit",
