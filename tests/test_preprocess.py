@@ -133,6 +133,21 @@ def test_exif_orientation_applied(tmp_path, orientation, k, fmt):
     assert float((got - preprocess(upright)).abs().max()) < 0.25  # JPEG artefacts only
 
 
+def test_big_jpeg_draft_decoding_gives_the_same_digit(tmp_path):
+    # A 3000×2000 "phone photo" of a dark bar: draft decoding is smaller but preprocesses to the same 28×28.
+    page = np.full((2000, 3000), 240, np.uint8)
+    page[400:1600, 1400:1560] = 20
+    Image.fromarray(page).save(tmp_path / "photo.jpg", quality=90)
+    full, fast = open_image(tmp_path / "photo.jpg"), open_image(tmp_path / "photo.jpg", draft=True)
+    assert full.size == (3000, 2000) and 1024 <= max(fast.size) < 3000
+    a, b = preprocess(full), preprocess(fast)
+    assert ink_box(a) == ink_box(b) == (20, 3)
+    # The bar's mass sits exactly between two pixels, so a rounding tie may shift it by one row; both are centred.
+    for t in (a, b):
+        assert all(abs(c - 14) <= 0.5 for c in ndi.center_of_mass(t[0].numpy()))
+    assert float((a[0].sum(0) - b[0].sum(0)).abs().max()) < 1.0  # same columns of ink (of 20 px each), JPEG aside
+
+
 def test_large_canvas_numpy_inputs_of_many_dtypes():
     small = np.zeros((28, 28), np.uint8)
     small[6:22, 12:16] = 255

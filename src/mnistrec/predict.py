@@ -80,7 +80,7 @@ def load_file(path: Path, invert: str = "auto", multi: bool = False) -> list[tor
     """Decode and preprocess one file into its ``[1, 28, 28]`` tensor(s); :class:`ImageError` when it cannot."""
     from .preprocess import open_image, preprocess, split_digits
 
-    image = open_image(path)
+    image = open_image(path, draft=True)
     return split_digits(image, invert) if multi else [preprocess(image, invert)]
 
 
