@@ -103,8 +103,13 @@ def predictions(page) -> int:
     return int(page.locator("body").get_attribute("data-predictions") or 0)
 
 
-def wait_for_prediction(page, after: int) -> None:
-    page.locator(f"body[data-predictions='{after + 1}'], body[data-predictions='{after + 2}']").wait_for(timeout=30_000)
+def wait_for_prediction(page, after: int, timeout: float = 30.0) -> None:
+    """Wait until a prediction newer than ``after`` is shown and none is pending (the page sets data-busy)."""
+    deadline = time.monotonic() + timeout
+    while predictions(page) <= after or page.locator("body[data-busy]").count():
+        if time.monotonic() > deadline:
+            pytest.fail(f"no new prediction within {timeout} s (status: {page.locator('#status').text_content()!r})")
+        time.sleep(0.05)
 
 
 def draw(page, strokes: list[list[tuple[float, float]]]) -> None:

@@ -137,8 +137,10 @@ document.addEventListener("keydown", (event) => {
 
 async function useFile(file) {
   if (!file) return;
+  busy(true);
   if (file.type && !file.type.startsWith("image/")) {
     showError(`${file.name || "that file"} is not an image`);
+    busy(false);
     return;
   }
   strokes = [];
@@ -180,6 +182,7 @@ function schedulePrediction() {
 function predictDrawing() {
   clearTimeout(timer);
   if (!strokes.length) return;
+  busy(true);
   const off = document.createElement("canvas");
   off.width = off.height = SEND_SIZE;
   const c = off.getContext("2d");
@@ -189,8 +192,15 @@ function predictDrawing() {
   off.toBlob((blob) => predict(blob, "your drawing"), "image/png");
 }
 
+// data-busy is on <body> from the moment a prediction is asked for until the newest answer is shown.
+function busy(on) {
+  if (on) document.body.dataset.busy = "true";
+  else delete document.body.dataset.busy;
+}
+
 async function predict(blob, label) {
   const mine = ++sequence;
+  busy(true);
   statusEl.classList.remove("error");
   statusEl.textContent = `Reading ${label}…`;
   let response, body;
@@ -202,10 +212,11 @@ async function predict(blob, label) {
     });
     body = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
   } catch (err) {
-    if (mine === sequence) showError("The server cannot be reached.");
+    if (mine === sequence) { showError("The server cannot be reached."); busy(false); }
     return;
   }
   if (mine !== sequence) return;  // a newer drawing is on its way
+  busy(false);
   if (!response.ok) { showError(body.detail || `HTTP ${response.status}`); return; }
   showResult(body, label);
 }
@@ -258,6 +269,7 @@ function showError(message) {
 
 function resetResult() {
   sequence += 1;  // drop answers still on their way
+  busy(false);
   digitEl.textContent = "–";
   confidenceEl.textContent = "";
   statusEl.classList.remove("error");
