@@ -124,8 +124,10 @@ def reference_ms(checkpoint: Path, bodies: list, kind: str, repeats: int) -> lis
 CONTENT_TYPES = {"png": "image/png", "pixels": "application/json"}
 
 
-async def load(url: str, bodies: list[bytes], kind: str, clients: int, seconds: float, max_requests: int) -> dict:
+async def load(url: str, bodies: list[bytes], kind: str, clients: int, seconds: float, max_requests: int,
+               server_pid: int) -> dict:
     latencies: list[float] = []
+    rss: list[float] = []
     errors: dict[str, int] = {}
     deadline = time.monotonic() + seconds
     sent = 0
@@ -150,10 +152,15 @@ async def load(url: str, bodies: list[bytes], kind: str, clients: int, seconds: 
                     latencies.append((time.perf_counter() - start) * 1000)
                 i += clients
 
+    async def sample_memory() -> None:  # the server's RSS every second, to see whether it keeps growing
+        while time.monotonic() < deadline:
+            rss.append(round(rss_mb(server_pid), 1))
+            await asyncio.sleep(1.0)
+
     started = time.monotonic()
-    await asyncio.gather(*(client(k) for k in range(clients)))
+    await asyncio.gather(sample_memory(), *(client(k) for k in range(clients)))
     elapsed = time.monotonic() - started
-    return {"latencies": latencies, "errors": errors, "seconds": elapsed, "sent": sent}
+    return {"latencies": latencies, "errors": errors, "seconds": elapsed, "sent": sent, "rss": rss}
 
 
 def percentiles(values: list[float]) -> dict:
@@ -183,11 +190,16 @@ def phase_report(kind: str, result: dict, health_before: dict, health_after: dic
         "server_cpu_ms_per_request": round(1000 * result["server_cpu_seconds"] / ok, 2) if ok else None,
         "batching": {"requests": served, "forward_passes": passes, "mean_batch": round(served / passes, 2) if passes else None},
         "memory_mb": {"rss_before": round(rss_before, 1), "rss_after": round(rss_after, 1),
-                      "growth": round(rss_after - rss_before, 1)},
+                      "growth": round(rss_after - rss_before, 1),
+                      # after the first third (thread pools and allocator arenas warmed up) it should stay flat
+                      "growth_last_two_thirds": round(rss_after - result["rss"][len(result["rss"]) // 3], 1)
+                      if result["rss"] else None,
+                      "every_second": result["rss"]},
         "reference_in_process": {"what": "the same work in this process, one image at a time, no HTTP", **ref},
         "ratio_p50": round(stats["p50_ms"] / ref["p50_ms"], 2) if stats and ref else None,
         "targets": {"p99_under_50ms": bool(stats) and stats["p99_ms"] < 50, "zero_errors": not result["errors"],
-                    "flat_memory_under_10pct": rss_after - rss_before < 0.1 * rss_before},
+                    "flat_memory_under_5pct_after_warmup": bool(result["rss"])
+                    and rss_after - result["rss"][len(result["rss"]) // 3] < 0.05 * rss_before},
     }
 
 
@@ -243,7 +255,8 @@ def main() -> int:
                     httpx.post(url + "/api/predict", content=body, headers={"content-type": CONTENT_TYPES[kind]}, timeout=30)
                 health_before = httpx.get(url + "/api/health").json()
                 rss_before, cpu_before = rss_mb(server.pid), cpu_seconds(server.pid)
-                result = asyncio.run(load(url, bodies[kind], kind, args.clients, args.seconds, args.max_requests))
+                result = asyncio.run(load(url, bodies[kind], kind, args.clients, args.seconds, args.max_requests,
+                                          server.pid))
                 rss_after, cpu_after = rss_mb(server.pid), cpu_seconds(server.pid)
                 result["server_cpu_seconds"] = cpu_after - cpu_before
                 health_after = httpx.get(url + "/api/health").json()

@@ -19,9 +19,11 @@ import hashlib
 import os
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio
 import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -249,6 +251,8 @@ class Service:
         self.max_pixels = max_pixels
         self.max_batch_images = max_batch_images
         self.started = time.monotonic()
+        # Decoding and preprocessing are CPU-bound: more threads than cores only add memory and contention.
+        self.decode_limiter = anyio.CapacityLimiter(os.cpu_count() or 2)
         self.batcher = MicroBatcher(self._forward, max_batch=max(64, max_batch_images), max_wait_ms=batch_wait_ms)
         data = checkpoint_path.read_bytes()
         self.checkpoint = {"file": checkpoint_path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -270,6 +274,10 @@ class Service:
                 result["image"] = [[round(float(v), 4) for v in row] for row in x[i, 0].tolist()]
             out.append(result)
         return out
+
+    async def decode(self, fn, *args):
+        """Run ``fn(*args)`` in a worker thread, at most one per core at a time."""
+        return await anyio.to_thread.run_sync(partial(fn, *args), limiter=self.decode_limiter)
 
     def check_batch(self, count: int) -> None:
         if count == 0:
@@ -409,7 +417,7 @@ def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = D
         if sources[0][2] is not None:  # 784 numbers: cheaper here than a thread hop
             x = _to_tensor(sources[0], service, options.invert)
         else:  # decoding and preprocessing an image file take milliseconds: off the event loop
-            x = await run_in_threadpool(_to_tensor, sources[0], service, options.invert)
+            x = await service.decode(_to_tensor, sources[0], service, options.invert)
         return (await service.predict(x.unsqueeze(0), options.top_k, options.include_image))[0]
 
     @app.post("/api/predict/batch", response_model=BatchResult, response_model_exclude_none=True, responses=ERRORS,
@@ -420,7 +428,7 @@ def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = D
         An image that cannot be used gets an ``error`` in its place; the others are still predicted."""
         sources = await _read_sources(request, many=True, max_files=service.max_batch_images)
         service.check_batch(len(sources))
-        decoded = await run_in_threadpool(_decode_all, sources, service, options.invert)
+        decoded = await service.decode(_decode_all, sources, service, options.invert)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         images = torch.stack([decoded[i] for i in good]) if good else None
         results = await service.predict(images, options.top_k, options.include_image) if good else []

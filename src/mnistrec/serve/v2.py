@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from fastapi import APIRouter
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import __version__
@@ -165,7 +164,7 @@ def make_router(service: "Service", errors: dict) -> APIRouter:
         unknown = [n for n in wanted if n not in OUTPUTS]
         if unknown:
             raise InputError(f"unknown output {unknown[0]!r}; choose from {', '.join(OUTPUTS)}")
-        x = await run_in_threadpool(_input_tensor, request.inputs[0], service.max_batch_images)
+        x = await service.decode(_input_tensor, request.inputs[0], service.max_batch_images)
         results = await service.batcher.run(x)
         n = len(results)
         columns = {
