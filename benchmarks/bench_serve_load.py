@@ -31,7 +31,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -88,16 +88,6 @@ def user_png(digit: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     page.save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def quick_checkpoint(data_dir: str | None, out: Path) -> Path:
-    from mnistrec.data import load_mnist
-    from mnistrec.train import make_config, train
-
-    # 6,000 images are enough: serving speed depends on the architecture, not on how well it is trained.
-    config = make_config("seed", epochs=1, limit_train=6000, limit_test=1000)
-    train(config, load_mnist(data_dir), out, progress=False, log=lambda _: None)
-    return out / "model.pth"
 
 
 def reference_ms(checkpoint: Path, bodies: list, kind: str, repeats: int) -> list[float]:
@@ -213,6 +203,8 @@ def main() -> int:
     parser.add_argument("--requests", default="png,pixels", help="phases to run, comma-separated: png, pixels")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     args = parser.parse_args()
+    # soak_serve imports this module's helpers, so its own are imported here, once both modules exist.
+    from soak_serve import quick_checkpoint, running_server
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint or REPO / "mnist_model.pth")
@@ -221,7 +213,7 @@ def main() -> int:
             if args.checkpoint:
                 sys.exit(f"bench_serve_load: {checkpoint}: no such checkpoint")
             print("no mnist_model.pth: training the seed model for one epoch …", file=sys.stderr)
-            checkpoint = quick_checkpoint(args.data_dir, Path(tmp) / "run")
+            checkpoint = quick_checkpoint(Path(tmp) / "run", args.data_dir)
             note = "seed MLP trained by the benchmark, 1 epoch on 6,000 images (latency depends on the architecture only)"
 
         images, _ = load_split("test", args.data_dir)
@@ -231,25 +223,8 @@ def main() -> int:
         kinds = [k for k in args.requests.split(",") if k]
         references = {kind: reference_ms(checkpoint, bodies[kind], kind, 300) for kind in kinds}
 
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        server = subprocess.Popen([sys.executable, "-m", "mnistrec", "serve", str(checkpoint), "--port", str(port)],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         phases = {}
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if server.poll() is not None:
-                    sys.exit(f"bench_serve_load: the server exited: {server.stderr.read().decode()}")
-                try:
-                    if httpx.get(url + "/api/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    sys.exit("bench_serve_load: the server did not start within 120 s")
-                time.sleep(0.3)
+        with running_server(checkpoint, Path(tmp) / "serve.log") as (url, server):
             for kind in kinds:
                 for body in bodies[kind]:  # warm-up: first-call costs are not part of steady state
                     httpx.post(url + "/api/predict", content=body, headers={"content-type": CONTENT_TYPES[kind]}, timeout=30)
@@ -262,9 +237,6 @@ def main() -> int:
                 health_after = httpx.get(url + "/api/health").json()
                 phases[kind] = phase_report(kind, result, health_before, health_after, rss_before, rss_after,
                                             references[kind])
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
 
     report = {
         "benchmark": "serve_load",

@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,42 +29,15 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(mlp_checkpoint, tmp_path_factory):
-    """``mnistrec serve`` in a subprocess on a free loopback port; stopped after the module."""
-    port = free_port()
+    """``mnistrec serve`` on a free loopback port (the benchmarks' helper); stopped after the module."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from soak_serve import running_server
+
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mnistrec", "serve", str(mlp_checkpoint), "--port", str(port)],
-                                cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90  # a loaded 2-core machine imports torch slowly
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mnistrec serve exited with {proc.returncode}: {log.read_text()}")
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mnistrec serve did not answer within 90 s: {log.read_text()}")
-            time.sleep(0.3)
+    with running_server(mlp_checkpoint, log, env=cli_env(), start_timeout=90) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
