@@ -87,12 +87,12 @@ def latency(run, calls: int) -> dict[str, float]:
     return {"median_ms": round(1e3 * statistics.median(times), 4), "p99_ms": round(1e3 * times[int(0.99 * (len(times) - 1))], 4)}
 
 
-def bench_model(name: str, seconds: float, repeats: int, latency_calls: int) -> dict:
+def bench_model(name: str, seconds: float, repeats: int, latency_calls: int, threads: int) -> dict:
     torch.manual_seed(0)
     model = create_model(name).eval()
     backends = {
         "torch": TorchBackend(model, name),
-        "onnx": OnnxBackend.from_bytes(onnx_model_proto(model, export_metadata(name)).SerializeToString()),
+        "onnx": OnnxBackend.from_bytes(onnx_model_proto(model, export_metadata(name)).SerializeToString(), threads=threads),
     }
     images = torch.rand(max(BATCH_SIZES), 1, 28, 28, generator=torch.Generator().manual_seed(0))
     row: dict = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
@@ -130,16 +130,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.5, help="length of one timed loop (default: 0.5)")
     parser.add_argument("--repeats", type=int, default=3, help="timed loops per measurement; the best counts (default: 3)")
     parser.add_argument("--latency-calls", type=int, default=500, help="single-image calls for the latency (default: 500)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for PyTorch and onnxruntime (default 0: their defaults, one per core)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference.json")
     args = parser.parse_args()
 
     import onnxruntime
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = loadavg()
     started = time.perf_counter()
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}, "
           f"{os.cpu_count()} cores, load average {load_before}")
-    rows = [bench_model(name, args.seconds, args.repeats, args.latency_calls) for name in (args.models or model_names())]
+    rows = [bench_model(name, args.seconds, args.repeats, args.latency_calls, args.threads) for name in (args.models or model_names())]
     result = {
         "benchmark": "inference",
         "command": "PYTHONPATH=src python benchmarks/bench_inference.py " + " ".join(sys.argv[1:]),
@@ -148,6 +152,7 @@ def main() -> None:
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "onnxruntime_threads": args.threads or "default (one per physical core)",
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": str(torch.__version__),
