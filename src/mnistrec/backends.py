@@ -66,12 +66,16 @@ class OnnxBackend:
         self.model_name = meta.get("mnistrec.model", "onnx")
 
     @classmethod
-    def from_bytes(cls, data: bytes | str, source: str = "<memory>") -> "OnnxBackend":
-        """A session over serialised ONNX bytes (or a file path); unreadable models become one-line errors."""
+    def from_bytes(cls, data: bytes | str, source: str = "<memory>", threads: int = 0) -> "OnnxBackend":
+        """A session over serialised ONNX bytes (or a file path); unreadable models become one-line errors.
+
+        ``threads``: onnxruntime's intra-op threads (0: its default, one per physical core).
+        """
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only; onnxruntime's info lines are not for our users
+        options.intra_op_num_threads = threads
         try:
             session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own pybind11 classes (InvalidProtobuf, Fail, ...)

@@ -22,9 +22,10 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
                         "(default: $MNIST_DATA_DIR, else ~/.cache/mnistrec/mnist)")
 
 
-def _add_backend(parser: argparse.ArgumentParser) -> None:
+def _add_backend(parser: argparse.ArgumentParser, onnx_files: bool = True) -> None:
+    what = "takes an .onnx export, or exports a .pth in memory" if onnx_files else "on the checkpoint exported in memory"
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                        help="inference engine: PyTorch, or onnxruntime (takes an .onnx export, or exports a .pth in memory)")
+                        help=f"inference engine: PyTorch (default), or onnxruntime ({what})")
 
 
 def _positive_int(text: str) -> int:
@@ -260,6 +261,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body in MiB (default: 10; 413 above)")
     p.add_argument("--max-batch", type=int, default=64, help="most images per request (default: 64)")
     p.add_argument("--model-name", default="mnistrec", help="model name in the /v2 protocol (default: mnistrec)")
+    _add_backend(p, onnx_files=False)
     p.set_defaults(func=cmd_serve)
 
 
@@ -273,7 +275,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 1 or not 0 < args.port < 65536 or args.max_batch < 1 or args.max_request_mb <= 0:
         raise MnistrecError("--workers and --max-batch must be >= 1, --port in 1..65535, --max-request-mb > 0")
     settings = {"max_request_bytes": int(args.max_request_mb * 1024 * 1024), "max_batch_images": args.max_batch,
-                "model_name": args.model_name}
+                "model_name": args.model_name, "backend": args.backend}
     app = create_app(args.checkpoint, **settings)  # fails here, with one line, on a bad checkpoint
     print(f"mnistrec: serving {args.checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     if args.workers == 1:
@@ -282,7 +284,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Several processes need an import string; each worker builds its own app from these variables.
     os.environ.update({"MNISTREC_SERVE_CHECKPOINT": str(Path(args.checkpoint).resolve()),
                        "MNISTREC_SERVE_MAX_REQUEST_BYTES": str(settings["max_request_bytes"]),
-                       "MNISTREC_SERVE_MAX_BATCH": str(args.max_batch), "MNISTREC_SERVE_MODEL_NAME": args.model_name})
+                       "MNISTREC_SERVE_MAX_BATCH": str(args.max_batch), "MNISTREC_SERVE_MODEL_NAME": args.model_name,
+                       "MNISTREC_SERVE_BACKEND": args.backend})
     del app
     uvicorn.run("mnistrec.serve.app:create_app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="warning")
@@ -298,7 +301,7 @@ def add_predict_parser(sub) -> None:
                                    "Each image is preprocessed the way MNIST was made (see the README). A file that "
                                    "cannot be read gets one line on stderr; the others are still predicted; the exit "
                                    "code is 1 when any file failed.")
-    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict)")
+    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict), or an exported .onnx with --backend onnx")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
     p.add_argument("--top-k", type=int, default=3, metavar="K", help="how many most likely digits to list (default: 3)")
     p.add_argument("--json", action="store_true", help='print JSON Lines: {"path", "digit", "confidence", "probabilities", "top_k"}')
@@ -310,6 +313,7 @@ def add_predict_parser(sub) -> None:
     p.add_argument("--explain", metavar="OUT.png", help="draw input, preprocessed image, probabilities and an occlusion "
                                                           "saliency map (first 12 images or digits)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_backend(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -321,12 +325,12 @@ def _format_prediction(result: dict) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .checkpoint import load_checkpoint
+    from .backends import load_backend
     from .predict import expand_paths, predict_files, save_preprocessed
 
     if args.top_k < 1:
         raise MnistrecError(f"--top-k must be at least 1, not {args.top_k}")
-    loaded = load_checkpoint(args.checkpoint)
+    backend = load_backend(args.checkpoint, args.backend)
     paths = expand_paths(args.paths, args.recursive)
     if not paths:
         raise MnistrecError(f"no image files found in {', '.join(args.paths)}" + ("" if args.recursive else " (try --recursive)"))
@@ -335,7 +339,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{'path':<{width}}  " + (f"{'number':>6}  digits (confidence)" if args.multi else f"{'digit':>6}  {'confidence':>10}  top-{args.top_k}"))
     failed, explained = 0, []
-    for item in predict_files(loaded.model, paths, args.top_k, args.invert, args.multi, on_done=bar.update):
+    for item in predict_files(backend, paths, args.top_k, args.invert, args.multi, on_done=bar.update):
         if item.error is not None:
             failed += 1
             bar.write(f"mnistrec: error: {item.path}: {item.error}", file=sys.stderr)
@@ -358,7 +362,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from .predict import explain_rows
 
         if explained:
-            print(f"explanation: {explain_figure(explain_rows(loaded.model, explained, limit=12), Path(args.explain))}", file=sys.stderr)
+            print(f"explanation: {explain_figure(explain_rows(backend, explained, limit=12), Path(args.explain))}", file=sys.stderr)
         else:
             print("mnistrec: error: --explain: no image could be predicted, nothing to draw", file=sys.stderr)
     if failed:

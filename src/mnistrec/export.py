@@ -35,6 +35,7 @@ from .checkpoint import atomic_write, load_checkpoint
 from .errors import MnistrecError
 
 OPSET = 20
+OPSETS = range(18, 24)  # what the torch.export exporter emits and onnxruntime 1.32 runs (each checked by hand)
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 INPUT_DESCRIPTION = (
@@ -129,6 +130,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.Pat
     """
     if fmt not in FORMATS:
         raise MnistrecError(f"unknown export format {fmt!r}; choose from: {', '.join(FORMATS)}")
+    if opset not in OPSETS:
+        raise MnistrecError(f"--opset {opset} is not supported; choose {OPSETS.start}..{OPSETS.stop - 1} (default {OPSET})")
     loaded = load_checkpoint(checkpoint)
     out = Path(out) if out else Path(checkpoint).with_suffix(SUFFIXES[fmt])
     if out.resolve() == Path(checkpoint).resolve():

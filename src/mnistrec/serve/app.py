@@ -36,6 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from .. import __version__
+from ..backends import load_backend
 from ..checkpoint import LoadedModel, load_checkpoint
 from ..errors import ImageError, MnistrecError
 from ..models import count_parameters, flops_per_image
@@ -244,9 +245,11 @@ class Service:
     """The loaded model, its batcher, and the request-independent facts about it."""
 
     def __init__(self, loaded: LoadedModel, checkpoint_path: Path, max_pixels: int, max_batch_images: int,
-                 batch_wait_ms: float, model_name: str) -> None:
+                 batch_wait_ms: float, model_name: str, backend: str = "torch") -> None:
         self.loaded = loaded
         self.model = loaded.model
+        # What runs the predictions: the PyTorch model, or onnxruntime on this checkpoint exported in memory.
+        self.runner = self.model if backend == "torch" else load_backend(checkpoint_path, backend)
         self.name = model_name
         self.max_pixels = max_pixels
         self.max_batch_images = max_batch_images
@@ -262,7 +265,7 @@ class Service:
     def _forward(self, x: torch.Tensor) -> list[dict[str, Any]]:
         # top_k=10 once per batch; each request keeps the first k it asked for.
         with torch.inference_mode():
-            return predict_tensors(self.model, x, top_k=10)
+            return predict_tensors(self.runner, x, top_k=10)
 
     async def predict(self, x: torch.Tensor, top_k: int, include_image: bool) -> list[dict[str, Any]]:
         """Predictions for ``x`` [N,1,28,28] through the shared batcher."""
@@ -374,16 +377,17 @@ def _decode_all(sources: list, service: Service, invert: str) -> list[torch.Tens
 
 def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
-               batch_wait_ms: float = 1.0, model_name: str = "mnistrec") -> FastAPI:
+               batch_wait_ms: float = 1.0, model_name: str = "mnistrec", backend: str = "torch") -> FastAPI:
     """Build the web app for one checkpoint (raises :class:`CheckpointError` if it cannot be loaded).
 
     ``max_request_bytes`` caps a request body (413), ``max_pixels`` an image's
     decoded size, ``max_batch_images`` the images per request; ``batch_wait_ms`` is
-    how long the micro-batcher waits to group concurrent requests.
+    how long the micro-batcher waits to group concurrent requests; ``backend``
+    (``torch`` or ``onnx``) is the inference engine (see :mod:`mnistrec.backends`).
     """
     checkpoint_path = Path(checkpoint_path)
     service = Service(load_checkpoint(checkpoint_path), checkpoint_path, max_pixels, max_batch_images,
-                      batch_wait_ms, model_name)
+                      batch_wait_ms, model_name, backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -466,4 +470,5 @@ def create_app_from_env() -> FastAPI:
         max_pixels=int(env.get("MNISTREC_SERVE_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
         max_batch_images=int(env.get("MNISTREC_SERVE_MAX_BATCH", DEFAULT_MAX_BATCH_IMAGES)),
         model_name=env.get("MNISTREC_SERVE_MODEL_NAME", "mnistrec"),
+        backend=env.get("MNISTREC_SERVE_BACKEND", "torch"),
     )
