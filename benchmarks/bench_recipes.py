@@ -64,18 +64,46 @@ def run_recipe(recipe: str, run_dir: Path, data_dir: str, threads: int, extra: l
     load_before = load_average()
     start = time.perf_counter()
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+        code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - start
+    run = {"recipe": recipe, "command": "mnistrec train --recipe " + recipe + "".join(f" {a}" for a in extra),
+           "wall_seconds": round(wall, 1), "timing": "wall-clock of the whole `mnistrec train` process",
+           "load_before": load_before, "load_after": load_average()}
+    if code != 0:
+        return {**run, **incomplete(run_dir, f"exit code {code}")}
+    return {**run, "summary": json.loads((run_dir / "metrics.json").read_text())}
+
+
+def incomplete(run_dir: Path, reason: str) -> dict:
+    """What an unfinished run got through: its completed epochs from ``last.pth``."""
+    import torch
+
+    found: dict = {"incomplete": reason}
+    state_path = run_dir / "last.pth"
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        found["completed_epochs"] = f"{state['epoch']}/{state['config']['epochs']}"
+        found["history"] = state["history"]
+    return found
+
+
+def collect(recipe: str, run_dir: Path, extra: list[str]) -> dict:
+    """A run finished (or stopped) earlier, e.g. outside this process: read its files, run nothing."""
+    run = {"recipe": recipe, "command": "mnistrec train --recipe " + recipe + "".join(f" {a}" for a in extra),
+           "load_before": None, "load_after": None}
+    if not (run_dir / "metrics.json").is_file():
+        return {**run, **incomplete(run_dir, "no metrics.json: the run did not finish")}
     summary = json.loads((run_dir / "metrics.json").read_text())
-    return {"recipe": recipe, "command": "mnistrec train --recipe " + recipe + "".join(f" {a}" for a in extra),
-            "wall_seconds": round(wall, 1), "load_before": load_before, "load_after": load_average(),
-            "summary": summary}
+    return {**run, "wall_seconds": summary["seconds"], "summary": summary,
+            "timing": "seconds measured inside train() (metrics.json): process start-up and data loading excluded"}
 
 
 def describe(run: dict) -> dict:
     """The numbers that matter from one run's metrics.json."""
+    if "summary" not in run:
+        return run
     s = run["summary"]
-    row = {"recipe": run["recipe"], "command": run["command"], "wall_seconds": run["wall_seconds"],
+    row = {"recipe": run["recipe"], "command": run["command"], "wall_seconds": run["wall_seconds"], "timing": run["timing"],
            "train_seconds": s["seconds"], "load_before": run["load_before"], "load_after": run["load_after"]}
     if s["model"] == "ensemble":
         row.update(test_accuracy=s["test"]["accuracy"], test_accuracy_tta=(s.get("test_tta") or {}).get("accuracy"),
@@ -98,19 +126,20 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ref = results["recipes"].get("seed")
+    done = {name: row for name, row in results["recipes"].items() if "test_accuracy" in row}
+    ref = done.get("seed")
     if ref:
         ax.scatter([ref["wall_seconds"]], [100 * ref["test_accuracy"]], marker="s", color="grey", label="seed (MLP, reference)")
-    fast = results["recipes"].get("fast")
+    fast = done.get("fast")
     if fast:
         ax.scatter(fast["wall_seconds"]["values"], [100 * v for v in fast["test_accuracy"]["values"]], color="C0", alpha=0.5)
         ax.errorbar(fast["wall_seconds"]["mean"], 100 * fast["test_accuracy"]["mean"], xerr=fast["wall_seconds"]["std"],
                     yerr=100 * fast["test_accuracy"]["std"], fmt="o", color="C0", capsize=4,
                     label=f"fast (mean ± std, {fast['test_accuracy']['n']} seeds)")
-    best = results["recipes"].get("best")
+    best = done.get("best")
     if best:
         ax.scatter([best["wall_seconds"]], [100 * best["test_accuracy"]], marker="D", color="C1", label="best (single model)")
-    ens = results["recipes"].get("ensemble")
+    ens = done.get("ensemble")
     if ens:
         ax.scatter([ens["wall_seconds"]], [100 * ens["test_accuracy"]], marker="*", s=120, color="C2", label="ensemble")
         if ens.get("test_accuracy_tta") is not None:
@@ -141,6 +170,7 @@ def main() -> int:
     parser.add_argument("--train-args", default="", help="extra `mnistrec train` flags for every run (smoke tests only)")
     parser.add_argument("--results", default=str(RESULTS), help="JSON output path")
     parser.add_argument("--plot", default=str(PLOT), help="PNG output path")
+    parser.add_argument("--collect", action="store_true", help="run nothing: report the run directories already in --work-dir")
     parser.add_argument("--note", default="", help="free text stored in the JSON, e.g. how loaded the machine was")
     args = parser.parse_args()
 
@@ -155,14 +185,17 @@ def main() -> int:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     load_start = load_average()
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {name: pool.submit(run_recipe, recipe, work / name, args.data_dir, args.threads, extra)
-                   for name, recipe, extra in jobs}
+        if args.collect:
+            futures = {name: pool.submit(collect, recipe, work / name, extra) for name, recipe, extra in jobs}
+        else:
+            futures = {name: pool.submit(run_recipe, recipe, work / name, args.data_dir, args.threads, extra)
+                       for name, recipe, extra in jobs}
         runs = {name: describe(f.result()) for name, f in futures.items()}
 
     recipes: dict[str, dict] = {name: row for name, row in runs.items() if not name.startswith("fast-seed")}
     fast_rows = [row for name, row in runs.items() if name.startswith("fast-seed")]
     fast_source = "separate runs of --recipe fast"
-    if not fast_rows and "ensemble" in runs:
+    if not fast_rows and "members" in runs.get("ensemble", {}):
         # The ensemble's members are fast runs with seeds 42, 43, 44 (see the module docstring).
         fast_rows = [{"wall_seconds": m["seconds"], "test_accuracy": m["test_accuracy"], "seed": m["seed"]}
                      for m in runs["ensemble"]["members"]]
@@ -172,8 +205,10 @@ def main() -> int:
                            "test_accuracy": mean_std([r["test_accuracy"] for r in fast_rows]),
                            "wall_seconds": mean_std([r["wall_seconds"] for r in fast_rows])}
     reference = recipes.get("seed")
-    if reference:
+    if reference and "test_accuracy" in reference:
         for name, row in recipes.items():
+            if "test_accuracy" not in row:
+                continue
             seconds = row["wall_seconds"]["mean"] if isinstance(row["wall_seconds"], dict) else row["wall_seconds"]
             accuracy = row["test_accuracy"]["mean"] if isinstance(row["test_accuracy"], dict) else row["test_accuracy"]
             row["vs_seed"] = {"time_ratio": round(seconds / reference["wall_seconds"], 3),
@@ -194,7 +229,7 @@ def main() -> int:
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, plot_path)
-    print(json.dumps({k: {kk: v for kk, v in row.items() if kk in ("test_accuracy", "test_accuracy_tta", "wall_seconds")}
+    print(json.dumps({k: {kk: v for kk, v in row.items() if kk in ("test_accuracy", "test_accuracy_tta", "wall_seconds", "incomplete")}
                       for k, row in recipes.items()}, indent=2))
     print(f"wrote {results_path} and {plot_path}")
     return 0

@@ -214,7 +214,12 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     total = config.epochs * steps_per_epoch
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total, pct_start=0.25)
+        if total < 4:
+            raise MnistrecError(f"--schedule onecycle needs at least 4 steps (this run has {total}); "
+                                "use more data or epochs, a smaller --batch-size, or --schedule none")
+        # Warm up for a quarter of the run, but at least two steps (tiny runs would otherwise divide by zero).
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
+                                                   pct_start=max(0.25, 2 / total))
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return None

@@ -1,0 +1,142 @@
+"""Training-side of the accuracy work on tiny data: CNNs learn, validation-only selection,
+early stopping, --final, ensembles (with TTA) and their resume state, CLI errors.
+
+Every run here uses a few hundred to a few thousand images: the full-size
+recipes are measured by benchmarks/bench_recipes.py, not by tests.
+"""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from mnistrec.checkpoint import load_checkpoint, read_checkpoint
+from mnistrec.errors import MnistrecError
+from mnistrec.evaluate import evaluate
+from mnistrec.train import BestEpoch, RECIPES, ensemble_probabilities, make_config, train, train_ensemble, train_final
+
+QUIET = {"progress": False, "log": lambda _: None}
+TINY = {"limit_train": 700, "limit_test": 300, "val_size": 200, "threads": 1}
+
+
+def test_seed_recipe_is_untouched_and_the_accuracy_recipes_hold_out_validation():
+    assert RECIPES["seed"] == {}
+    seed = make_config("seed")
+    assert (seed.model, seed.optimizer, seed.lr, seed.batch_size, seed.epochs, seed.val_size) == ("mlp", "adam", 1e-3, 64, 5, 0)
+    for name in ("fast", "best", "ensemble"):
+        config = make_config(name)
+        assert config.val_size == 5000 and not config.epoch_test and config.model.startswith("cnn")
+    assert make_config("ensemble").ensemble_size >= 3
+
+
+def test_small_cnn_learns_on_a_tiny_subset(mnist):
+    config = make_config("fast", epochs=2, limit_train=1500, limit_test=500, val_size=300, batch_size=64, threads=1)
+    result = train(config, mnist, None, **QUIET)
+    assert result.metrics["accuracy"] > 0.6  # chance is 0.1
+    assert result.history[-1]["val_accuracy"] > 0.6
+    assert "test_accuracy" not in result.history[-1]  # the test set is not looked at per epoch
+
+
+def test_best_epoch_selection_prefers_accuracy_then_loss():
+    model = torch.nn.Linear(2, 2)
+    best = BestEpoch()
+    assert best.update({"epoch": 1, "val_accuracy": 0.9, "val_loss": 0.5}, model)
+    assert not best.update({"epoch": 2, "val_accuracy": 0.8, "val_loss": 0.1}, model)
+    assert best.update({"epoch": 3, "val_accuracy": 0.9, "val_loss": 0.4}, model)
+    assert best.epoch == 3 and not best.should_stop(4, 2) and best.should_stop(5, 2) and not best.should_stop(9, 0)
+
+
+def _stalled(**extra):
+    # An MLP with a vanishing learning rate: validation never improves after epoch 1.
+    return make_config("seed", optimizer="sgd", lr=1e-12, epochs=5, early_stop=2, epoch_test=False, **TINY, **extra)
+
+
+def test_early_stopping_keeps_the_best_epoch_and_is_restored_on_resume(mnist, tmp_path):
+    result = train(_stalled(), mnist, tmp_path, **QUIET)
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert result.stopped_early and result.best_epoch == 1
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["best_epoch"] == 1 and summary["stopped_early"] is True
+    state = read_checkpoint(tmp_path / "last.pth")
+    assert state["best"]["epoch"] == 1 and state["stopped_early"] is True
+    # Resuming a stopped run trains no further.
+    again = train(_stalled(), mnist, tmp_path, resume=True, **QUIET)
+    assert len(again.history) == 3 and again.best_epoch == 1
+
+
+def test_interrupted_run_resumes_to_the_same_selected_weights(mnist, tmp_path):
+    config = make_config("fast", model="mlp", epochs=3, batch_size=100, **TINY)
+    whole = train(config, mnist, tmp_path / "whole", **QUIET)
+
+    def stop_after_epoch_two(line):
+        if line.startswith("Epoch 2/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, mnist, tmp_path / "cut", progress=False, log=stop_after_epoch_two)
+    assert read_checkpoint(tmp_path / "cut" / "last.pth")["epoch"] == 1
+    resumed = train(config, mnist, tmp_path / "cut", resume=True, **QUIET)
+    assert resumed.best_epoch == whole.best_epoch
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert resumed.metrics["accuracy"] == whole.metrics["accuracy"]
+
+
+def test_final_retrains_on_every_training_image_for_the_chosen_epochs(mnist, tmp_path):
+    config = make_config("fast", model="mlp", epochs=4, early_stop=1, batch_size=100, **TINY)
+    result = train_final(config, mnist, tmp_path, **QUIET)
+    selection = json.loads((tmp_path / "selection" / "metrics.json").read_text())
+    assert selection["test"] is None  # the selection run never saw the test set
+    assert result.config.epochs == selection["best_epoch"] == len(result.history)
+    assert result.config.val_size == 0 and result.config.early_stop == 0
+    assert all("val_accuracy" not in row and "test_accuracy" not in row for row in result.history)
+    assert 0.5 < result.metrics["accuracy"] <= 1 and result.metrics["count"] == 300
+    with pytest.raises(MnistrecError, match="--final needs a validation split"):
+        train_final(make_config("seed", epochs=1, limit_train=100), mnist, tmp_path / "x", **QUIET)
+
+
+def test_ensemble_reports_members_and_averaged_softmax_and_resumes(mnist, tmp_path):
+    config = make_config("ensemble", model="mlp", augment="none", epochs=1, ensemble_size=2, batch_size=100, **TINY)
+    result = train_ensemble(config, mnist, tmp_path, **QUIET)
+    assert [m["seed"] for m in result.members] == [42, 43]
+    assert all(0 < m["test_accuracy"] <= 1 and 0 < m["val_accuracy"] <= 1 for m in result.members)
+    assert {"ensemble", "ensemble_tta"} <= set(result.metrics)
+    # The saved checkpoint is one `ensemble` model whose accuracy is the reported one.
+    loaded = load_checkpoint(tmp_path / "model.pth")
+    assert loaded.model_name == "ensemble" and len(loaded.model.members) == 2
+    test_x, test_y = mnist.test_images[:300], mnist.test_labels[:300]
+    assert evaluate(loaded.model, test_x, test_y)["accuracy"] == result.metrics["ensemble"]["accuracy"]
+    members = [m for m in loaded.model.members]
+    probs = ensemble_probabilities(members, test_x, tta=True)
+    assert float((probs.argmax(1) == test_y).double().mean()) == result.metrics["ensemble_tta"]["accuracy"]
+    # Member seeds live in each member's own resume state; finished members are reused.
+    assert read_checkpoint(tmp_path / "member1" / "last.pth")["config"]["seed"] == 43
+    mtime = (tmp_path / "member0" / "model.pth").stat().st_mtime_ns
+    again = train_ensemble(config, mnist, tmp_path, resume=True, **QUIET)
+    assert (tmp_path / "member0" / "model.pth").stat().st_mtime_ns == mtime
+    assert again.metrics["ensemble"]["accuracy"] == result.metrics["ensemble"]["accuracy"]
+
+
+def test_cli_errors_for_unknown_names_are_one_line_and_list_the_choices(data_dir):
+    cases = {
+        ("--model", "resnet9000"): "unknown model 'resnet9000'; choose from: cnn-small, cnn-vgg, ensemble, mlp",
+        ("--augment", "mixup"): "unknown augmentation 'mixup'; choose from: none, shift, affine, affine+elastic",
+        ("--recipe", "turbo"): "invalid choice: 'turbo' (choose from",
+        ("--early-stop", "2"): "--early-stop needs a validation split",
+    }
+    for args, message in cases.items():
+        result = run_cli("train", "--data-dir", data_dir, *args)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert message in lines[-1] and "Traceback" not in result.stderr
+    assert "seed" in run_cli("train", "--recipe", "turbo").stderr and "ensemble" in run_cli("train", "--recipe", "turbo").stderr
+
+
+def test_cli_final_run_writes_a_loadable_cnn(data_dir, tmp_path):
+    result = run_cli("train", "--recipe", "fast", "--final", "--epochs", "1", "--limit-train", "600", "--limit-test", "200", "--batch-size", "50",
+                     "--val-size", "100", "--threads", "1", "--data-dir", data_dir, "--out", tmp_path / "run",
+                     "--save", tmp_path / "model.pth", "--no-plots", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "final run: 1 epochs" in result.stdout and "Test Acc:" in result.stdout
+    assert load_checkpoint(tmp_path / "model.pth").model_name == "cnn-small"
