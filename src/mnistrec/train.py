@@ -198,6 +198,13 @@ def split_data(data: MNIST, config: TrainConfig) -> Split:
     return Split(to_float(images), labels, None, None)
 
 
+def test_split(data: MNIST, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images (uint8) and labels a run reports on, honouring ``limit_test``."""
+    if config.limit_test:
+        return data.test_images[: config.limit_test], data.test_labels[: config.limit_test]
+    return data.test_images, data.test_labels
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     # Weight decay on BatchNorm/bias parameters only hurts; apply it to weight matrices and kernels.
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -338,8 +345,7 @@ def train(
 
     split = split_data(data, config)
     train_x, train_y = split.train_x.to(device), split.train_y.to(device)
-    test_x = data.test_images[: config.limit_test] if config.limit_test else data.test_images
-    test_y = data.test_labels[: config.limit_test] if config.limit_test else data.test_labels
+    test_x, test_y = test_split(data, config)
     n = len(train_x)
     n_local = len(ctx.shard(torch.arange(n)))  # examples this rank sees per epoch (n when not distributed)
     steps_per_epoch = math.ceil(n_local / local_batch)
@@ -677,8 +683,7 @@ def train_ensemble(
 
     # The one and only look at the test set (and a matching report on validation).
     split = split_data(data, config)
-    test_x = data.test_images[: config.limit_test] if config.limit_test else data.test_images
-    test_y = data.test_labels[: config.limit_test] if config.limit_test else data.test_labels
+    test_x, test_y = test_split(data, config)
     metrics: dict[str, Any] = {}
     for name, images, labels in (("val", split.val_x, split.val_y), ("test", test_x, test_y)):
         if images is None or final and name == "val":  # final members trained on the validation images
