@@ -16,12 +16,13 @@ RECIPE   ?= seed
 
 export MNIST_DATA_DIR := $(abspath $(DATA_DIR))
 
-.PHONY: run test setup dev browser data benchmarks clean help
+.PHONY: run test setup dev browser data benchmarks bench-recipes clean help
 
 help:
 	@echo "make run    set up .venv and train the '$(RECIPE)' recipe on $(DATA_DIR)"
 	@echo "make test   set up .venv with the dev tools and run every test"
 	@echo "make benchmarks   run the benchmarks (minutes; writes benchmarks/results/*.json)"
+	@echo "make bench-recipes   accuracy vs time of every training recipe (tens of minutes)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,10 @@ benchmarks: dev
 	@[ -f runs/$(RECIPE)/model.pth ] || $(PY) -m mnistrec train --recipe $(RECIPE) --data-dir "$(DATA_DIR)" --out runs/$(RECIPE) --save '' --no-plots
 	$(PY) benchmarks/bench_robustness.py --checkpoint runs/$(RECIPE)/model.pth --data-dir "$(DATA_DIR)"
 	$(PY) benchmarks/bench_inference.py
+
+# Test accuracy against wall-clock for every recipe: long (tens of minutes on 2 cores).
+bench-recipes: dev
+	$(PY) benchmarks/bench_recipes.py --data-dir "$(DATA_DIR)"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
