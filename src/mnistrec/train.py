@@ -625,20 +625,28 @@ class EnsembleResult:
     seconds: float
 
 
-def ensemble_probabilities(models: list[nn.Module], images: torch.Tensor, tta: bool, batch_size: int = 1000,
-                           device: str | torch.device = "cpu") -> torch.Tensor:
-    """Softmax averaged over ``models`` (and, with ``tta``, over shifted views of every image)."""
+def member_view_probabilities(models: list[nn.Module], images: torch.Tensor, tta: bool, batch_size: int = 1000,
+                              device: str | torch.device = "cpu") -> torch.Tensor:
+    """Softmax of every model on every view: ``[models, views, N, 10]``; view 0 is the images themselves.
+
+    With ``tta`` the views are the images and their four 1-pixel shifts, so one
+    pass gives each member alone, the plain ensemble and the TTA ensemble.
+    """
     from .augment import tta_views
     from .evaluate import predict_logits
 
     if images.dtype == torch.uint8:
         images = to_float(images)
     views = tta_views(images) if tta else [images]
-    total = torch.zeros(len(images), 10)
-    for model in models:
-        for view in views:
-            total += predict_logits(model, view, batch_size, device).softmax(1)
-    return total / (len(models) * len(views))
+    return torch.stack([
+        torch.stack([predict_logits(model, view, batch_size, device).softmax(1) for view in views]) for model in models
+    ])
+
+
+def ensemble_probabilities(models: list[nn.Module], images: torch.Tensor, tta: bool, batch_size: int = 1000,
+                           device: str | torch.device = "cpu") -> torch.Tensor:
+    """Softmax averaged over ``models`` (and, with ``tta``, over shifted views of every image)."""
+    return member_view_probabilities(models, images, tta, batch_size, device).mean((0, 1))
 
 
 def train_ensemble(
@@ -689,12 +697,14 @@ def train_ensemble(
     for name, images, labels in (("val", split.val_x, split.val_y), ("test", test_x, test_y)):
         if images is None or final and name == "val":  # final members trained on the validation images
             continue
-        for model, row in zip(models, members):
-            row[f"{name}_accuracy"] = evaluate(model, images, labels, config.eval_batch_size, device)["accuracy"]
-        variants = {"ensemble": False, "ensemble_tta": True} if config.tta else {"ensemble": False}
-        for key, tta in variants.items():
-            probabilities = ensemble_probabilities(models, images, tta, config.eval_batch_size, device)
-            result_metrics = metrics_from_logits(probabilities.clamp_min(1e-12).log(), labels)
+        probabilities = member_view_probabilities(models, images, config.tta, config.eval_batch_size, device)
+        for member_probabilities, row in zip(probabilities, members):
+            row[f"{name}_accuracy"] = float((member_probabilities[0].argmax(1) == labels).double().mean())
+        variants = {"ensemble": probabilities[:, 0].mean(0)}
+        if config.tta:
+            variants["ensemble_tta"] = probabilities.mean((0, 1))
+        for key, averaged in variants.items():
+            result_metrics = metrics_from_logits(averaged.clamp_min(1e-12).log(), labels)
             metrics[key if name == "test" else f"{key}_val"] = result_metrics if name == "test" else result_metrics["accuracy"]
     for row in members:
         log(f"member {row['member']} (seed {row['seed']}): " + ", ".join(
