@@ -147,3 +147,26 @@ def test_cli_final_run_writes_a_loadable_cnn(data_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "final run: 1 epochs" in result.stdout and "Test Acc:" in result.stdout
     assert load_checkpoint(tmp_path / "model.pth").model_name == "cnn-small"
+
+
+def test_recipe_benchmark_collects_runs_into_json_and_plot(mnist, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, cli_env
+
+    work = tmp_path / "bench"
+    tiny = dict(epochs=1, batch_size=100, **TINY)
+    train(make_config("seed", **{**tiny, "val_size": 0}), mnist, work / "seed", **QUIET)
+    train_ensemble(make_config("ensemble", model="mlp", augment="none", **tiny), mnist, work / "ensemble", **QUIET)
+    results, picture = tmp_path / "recipes.json", tmp_path / "recipes.png"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_recipes.py"), "--collect", "--work-dir", work,
+                           "--recipes", "seed,ensemble,best", "--results", results, "--plot", picture, "--note", "shared"],
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(results.read_text())
+    recipes = report["recipes"]
+    members = json.loads((work / "ensemble" / "metrics.json").read_text())["members"]
+    assert recipes["fast"]["test_accuracy"]["values"] == [m["test_accuracy"] for m in members]
+    assert recipes["ensemble"]["vs_seed"]["time_ratio"] > 0 and "incomplete" in recipes["best"]
+    assert report["machine"]["cpu_count"] and report["machine"]["torch"] and picture.stat().st_size > 10_000
