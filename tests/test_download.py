@@ -67,7 +67,7 @@ class MirrorServer:
                     self.wfile.flush()
                     if mode == "stall":
                         server.stalled.set()
-                        server.release.wait(10)
+                        server.release.wait(120)  # until teardown; a loaded machine may be slow to interrupt
                     self.close_connection = True  # the body ends early: the client sees EOF
                     return
                 self.wfile.write(body)
@@ -200,11 +200,11 @@ def test_interrupted_download_leaves_no_file(server, tmp_path):
         cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        assert server.stalled.wait(60), "the downloader never reached the server"
+        assert server.stalled.wait(240), "the downloader never reached the server"
         time.sleep(0.2)  # the first half of the body is being written to the temporary file
         assert any(p.name.endswith(".part.gz") for p in target.iterdir())
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
+        _, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
