@@ -196,8 +196,12 @@ def test_a_stalled_mirror_times_out_and_a_corrupt_file_survives_total_failure(se
 def test_interrupted_download_leaves_no_file(server, tmp_path):
     target = tmp_path / "mnist"
     process = subprocess.Popen(
-        [sys.executable, "-m", "mnistrec", "download", "--data-dir", str(target), "--mirror", server.url("stall")],
+        [sys.executable, "-m", "mnistrec", "download", "--data-dir", str(target), "--mirror", server.url("stall"),
+         "--timeout", "300"],
         cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell that starts jobs in the background (nohup, CI runners) makes them ignore SIGINT, and Python
+        # then keeps ignoring it; give the child the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert server.stalled.wait(240), "the downloader never reached the server"
