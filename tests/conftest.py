@@ -65,7 +65,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **env: st
 
 @pytest.fixture(scope="session")
 def mlp_checkpoint(tmp_path_factory, mnist) -> Path:
-    """A real mnistrec checkpoint of the seed MLP, trained for one epoch on 6,000 images (~96% accurate)."""
+    """A real mnistrec checkpoint of the seed MLP, trained for one epoch on 6,000 images (about 90% accurate)."""
     from mnistrec.train import make_config, train
 
     run_dir = tmp_path_factory.mktemp("mlp-run")
