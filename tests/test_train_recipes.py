@@ -6,6 +6,7 @@ recipes are measured by benchmarks/bench_recipes.py, not by tests.
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -170,3 +171,44 @@ def test_recipe_benchmark_collects_runs_into_json_and_plot(mnist, tmp_path):
     assert recipes["fast"]["test_accuracy"]["values"] == [m["test_accuracy"] for m in members]
     assert recipes["ensemble"]["vs_seed"]["time_ratio"] > 0 and "incomplete" in recipes["best"]
     assert report["machine"]["cpu_count"] and report["machine"]["torch"] and picture.stat().st_size > 10_000
+
+
+def test_cli_resume_of_ensemble_and_final_runs_needs_no_other_flag(data_dir, tmp_path):
+    """Ensembles and --final runs keep their state in sub-folders; `--resume RUN_DIR` alone must still continue them.
+
+    The interruption is reproduced as the files a kill leaves: the first member (or the selection run)
+    finished, nothing of the later stage written yet.
+    """
+    common = ["--epochs", "1", "--limit-train", "600", "--limit-test", "200", "--batch-size", "50",
+              "--val-size", "100", "--threads", "1", "--data-dir", data_dir, "--no-plots", "--quiet", "--save", ""]
+    ensemble_dir = tmp_path / "ensemble"
+    first = run_cli("train", "--recipe", "ensemble", "--ensemble-size", "2", "--no-tta", "--out", ensemble_dir, *common)
+    assert first.returncode == 0, first.stderr
+    member1_model = (ensemble_dir / "member1" / "model.pth").read_bytes()
+    shutil.rmtree(ensemble_dir / "member1")
+    for name in ("model.pth", "metrics.json"):
+        (ensemble_dir / name).unlink()
+    resumed = run_cli("train", "--resume", ensemble_dir, "--data-dir", data_dir, "--no-plots", "--quiet", "--save", "")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Ensemble of 2" in resumed.stdout
+    assert "member 1/2" in resumed.stdout and "member 2/2" in resumed.stdout
+    # The member that was lost is retrained with its own seed and comes out the same.
+    assert torch.equal(load_checkpoint(ensemble_dir / "member1" / "model.pth").model.state_dict()["classifier.weight"],
+                       _state_from_bytes(member1_model)["classifier.weight"])
+    assert load_checkpoint(ensemble_dir / "model.pth").model_name == "ensemble"
+
+    final_dir = tmp_path / "final"
+    first = run_cli("train", "--recipe", "fast", "--final", "--out", final_dir, *common)
+    assert first.returncode == 0, first.stderr
+    for name in ("last.pth", "model.pth", "metrics.json", "history.csv"):
+        (final_dir / name).unlink()
+    resumed = run_cli("train", "--resume", final_dir, "--data-dir", data_dir, "--no-plots", "--quiet", "--save", "")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "final run: 1 epochs" in resumed.stdout and "Test Acc:" in resumed.stdout
+    assert load_checkpoint(final_dir / "model.pth").meta["config"]["val_size"] == 0
+
+
+def _state_from_bytes(raw: bytes) -> dict:
+    import io
+
+    return torch.load(io.BytesIO(raw), weights_only=True)["state_dict"]

@@ -90,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .data import load_mnist
     from .plots import plot_run
-    from .train import copy_model, make_config, resume_config, train, train_ensemble, train_final
+    from .train import copy_model, make_config, resume_options, train, train_ensemble, train_final, write_run_options
 
     overrides = {
         key: getattr(args, key)
@@ -98,15 +98,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                     "ema_decay", "augment", "val_size", "seed", "device", "limit_train", "limit_test", "early_stop",
                     "ensemble_size", "tta", "threads")
     }
+    final = args.final
     if args.resume:
-        config = resume_config(args.resume, recipe=args.recipe, **overrides)
+        config, saved_final = resume_options(args.resume, recipe=args.recipe, **overrides)
+        final = final or saved_final
     else:
         config = make_config(args.recipe or "seed", **overrides)
     run_dir = Path(args.resume or args.out or Path("runs") / config.recipe)
     data = load_mnist(args.data_dir)
+    if not args.resume and (config.ensemble_size > 1 or final) and distributed.is_main_process():
+        write_run_options(run_dir, config, final)
     if config.ensemble_size > 1:
         ensemble = train_ensemble(config, data, run_dir, resume=bool(args.resume), progress=_progress(args),
-                                  final=args.final)
+                                  final=final)
         m = ensemble.metrics["ensemble"]
         print(f"Ensemble of {config.ensemble_size}: Test Loss: {m['loss']:.4f}, Test Acc: {100 * m['accuracy']:.2f}% "
               f"({m['count'] - m['errors']}/{m['count']}) in {ensemble.seconds:.1f}s")
@@ -116,7 +120,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             copy_model(run_dir, args.save)
         print(f"run directory: {run_dir} (members in {run_dir}/member*)" + (f"; model saved to {args.save}" if args.save else ""))
         return 0
-    trainer = train_final if args.final else train
+    trainer = train_final if final else train
     try:  # under torchrun every rank trains; only rank 0 reports, draws and copies
         result = trainer(config, data, run_dir, resume=bool(args.resume), progress=_progress(args))
     finally:

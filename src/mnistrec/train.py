@@ -552,22 +552,55 @@ def _check_same_options(state_path: Path, saved: Any, now: dict[str, Any]) -> No
                         "resume with the same ones (or no option flags at all)")
 
 
-def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
-    """The config a run in ``run_dir`` was started with (from its ``last.pth``), so that
-    ``mnistrec train --resume RUN_DIR`` needs no other flag. Non-``None`` ``overrides``
-    replace saved values; :func:`train` then refuses any that change the weights
-    (all but ``device``)."""
+RUN_OPTIONS = "run.json"
+
+
+def write_run_options(run_dir: str | Path, config: TrainConfig, final: bool = False) -> None:
+    """Record how a run was started in ``RUN_DIR/run.json``.
+
+    Ensembles and ``--final`` runs keep their training state in sub-folders
+    (``memberI``, ``selection``), so ``last.pth`` at the top may not exist yet;
+    this file lets ``mnistrec train --resume RUN_DIR`` find their options anyway.
+    """
+    payload = {"config": config.to_dict(), "final": bool(final)}
+    atomic_write(Path(run_dir) / RUN_OPTIONS, lambda fh: fh.write(json.dumps(payload, indent=2).encode()))
+
+
+def resume_options(run_dir: str | Path, **overrides: Any) -> tuple[TrainConfig, bool]:
+    """The config a run in ``run_dir`` was started with, and whether it was a ``--final`` run.
+
+    Read from ``last.pth`` when there is one (it is the state actually being
+    trained), else from ``run.json`` (an ensemble or a ``--final`` run still in a
+    sub-folder), so that ``mnistrec train --resume RUN_DIR`` needs no other flag.
+    Non-``None`` ``overrides`` replace saved values; :func:`train` then refuses
+    any that change the weights (all but ``device``).
+    """
     state_path = Path(run_dir) / "last.pth"
-    if not state_path.is_file():
+    options_path = Path(run_dir) / RUN_OPTIONS
+    final = False
+    if state_path.is_file():
+        source, saved = state_path, read_checkpoint(state_path).get("config")
+    elif options_path.is_file():
+        try:
+            stored = json.loads(options_path.read_text())
+            saved, final = stored["config"], bool(stored.get("final"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise MnistrecError(f"{options_path}: unreadable run options ({exc})") from None
+        source = options_path
+    else:
         raise MnistrecError(f"nothing to resume: {state_path} does not exist")
-    saved = read_checkpoint(state_path).get("config")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(saved, dict) or not set(saved) <= known or "recipe" not in saved:
-        raise CheckpointError(f"{state_path}: holds no training options; not an mnistrec training state")
+        raise CheckpointError(f"{source}: holds no training options; not an mnistrec training state")
     recipe = overrides.pop("recipe", None) or saved["recipe"]
     values = {k: v for k, v in saved.items() if k != "recipe"}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return make_config(recipe, **values)
+    return make_config(recipe, **values), final
+
+
+def resume_config(run_dir: str | Path, **overrides: Any) -> TrainConfig:
+    """The config of the run in ``run_dir``; see :func:`resume_options`."""
+    return resume_options(run_dir, **overrides)[0]
 
 
 def _completed(run_dir: Path | None) -> bool:
