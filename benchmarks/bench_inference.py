@@ -35,25 +35,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from mnistrec.backends import OnnxBackend, TorchBackend  # noqa: E402
 from mnistrec.export import OPSET, export_metadata, onnx_model_proto  # noqa: E402
 from mnistrec.models import create_model, model_names  # noqa: E402
+from machine import cpu_model, load_average  # noqa: E402
 
 BATCH_SIZES = (1, 64, 1024)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def throughput(run, batch: torch.Tensor, seconds: float, repeats: int) -> tuple[float, float]:
@@ -148,7 +132,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_before = loadavg()
+    load_before = load_average()
     started = time.perf_counter()
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}, "
           f"{os.cpu_count()} cores, load average {load_before}")
@@ -168,7 +152,7 @@ def main() -> None:
             "onnxruntime": onnxruntime.__version__,
             "onnx_opset": OPSET,
             "load_average_before": load_before,
-            "load_average_after": loadavg(),
+            "load_average_after": load_average(),
             "note": "shared machine: up to six engineers ran builds, tests and trainings on these 2 cores at the "
                     "same time, so absolute numbers are pessimistic and noisy; the ratios are measured in one run",
         },

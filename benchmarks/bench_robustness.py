@@ -20,11 +20,9 @@ Writes ``benchmarks/results/robustness.json``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from mnistrec.checkpoint import load_checkpoint  # noqa: E402
 from mnistrec.data import load_split, to_float  # noqa: E402
 from mnistrec.evaluate import predict_logits  # noqa: E402
 from mnistrec.preprocess import open_image, preprocess  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -204,23 +203,10 @@ def naive(data: bytes) -> torch.Tensor:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()
+    info = machine_info()
+    load = info["load_average_1_5_15"] or [0.0]
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_1_5_15": [round(v, 2) for v in load],
+        **info,
         "shared": load[0] > 1.5,
         "note": "machine shared with other jobs when load_average exceeds the core count; timings are then pessimistic",
     }

@@ -16,11 +16,8 @@ Usage: ``python benchmarks/bench_seed_pipeline.py [--epochs 5] [--data-dir DIR]`
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from mnistrec.data import load_mnist  # noqa: E402
 from mnistrec.models import MNIST_MEAN, MNIST_STD  # noqa: E402
 from mnistrec.train import make_config, train  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 TARGET_RATIO = 0.35
 
@@ -129,23 +127,7 @@ def run_ours(data, epochs: int, seed: int) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return machine_info()
 
 
 def main(argv: list[str] | None = None) -> int:

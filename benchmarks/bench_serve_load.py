@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import io
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -46,20 +44,11 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mnistrec.data import load_split  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "platform": platform.platform(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "load_average_1m": os.getloadavg()[0],
-    }
+    return {**machine_info(), "load_average_1m": os.getloadavg()[0]}
 
 
 def rss_mb(pid: int) -> float:

@@ -10,7 +10,6 @@ body and then waits.
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import signal
 import struct

@@ -7,9 +7,7 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 from conftest import REPO, SRC
 
