@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .errors import CheckpointError, MnistrecError
+from .errors import CheckpointError, MnistrecError, first_line
 
 BACKENDS = ("torch", "onnx")
 
@@ -79,8 +79,7 @@ class OnnxBackend:
         try:
             session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own pybind11 classes (InvalidProtobuf, Fail, ...)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{source}: not a loadable ONNX model: {first[:200]}") from None
+            raise CheckpointError(f"{source}: not a loadable ONNX model: {first_line(exc)}") from None
         return cls(session, source)
 
     def predict_logits(self, x: torch.Tensor) -> torch.Tensor:

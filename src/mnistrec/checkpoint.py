@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, MnistrecError
+from .errors import CheckpointError, MnistrecError, first_line
 from .models import MNIST_MEAN, MNIST_STD, create_model
 
 FORMAT = "mnistrec-checkpoint"
@@ -136,8 +136,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: refused to load: {what}, which could run code when unpickled; only plain weights are accepted"
         ) from None
     except Exception as exc:  # noqa: BLE001 - a parser of untrusted bytes: junk raises IndexError, TypeError, struct.error, ...
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {message[:200]}") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first_line(exc)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, found {type(obj).__name__}")
     return obj
@@ -161,8 +160,7 @@ def _verify_crc(path: Path) -> None:
                     while record.read(1 << 22):
                         pass
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: corrupt checkpoint (garbled or truncated): {message[:160]}") from None
+        raise CheckpointError(f"{path}: corrupt checkpoint (garbled or truncated): {first_line(exc, 160)}") from None
 
 
 def _is_state_dict(obj: dict[str, Any]) -> bool:

@@ -23,3 +23,13 @@ class CheckpointError(MnistrecError):
 
 class ImageError(MnistrecError):
     """A user image cannot be decoded or holds no digit."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a library's exception message (or its type name), cut to ``limit`` characters.
+
+    Libraries that parse untrusted bytes (torch.load, Pillow, onnxruntime) raise
+    long, multi-line messages; our errors quote only their first line.
+    """
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

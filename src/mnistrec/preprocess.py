@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage as ndi
 
-from .errors import ImageError
+from .errors import ImageError, first_line
 
 #: Largest image (width × height) we decode; bigger files are refused as possible decompression bombs.
 MAX_PIXELS = 50_000_000
@@ -111,8 +111,7 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, 
         except UnidentifiedImageError:
             raise ImageError("not an image (or a format Pillow cannot read)") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ImageError(f"truncated or corrupt image: {message[:160]}") from None
+            raise ImageError(f"truncated or corrupt image: {first_line(exc, 160)}") from None
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a malformed EXIF block must not lose the picture: keep it unrotated
