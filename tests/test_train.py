@@ -44,3 +44,28 @@ def test_same_seed_same_weights_and_metrics_different_seed_differs(mnist):
     # A tiny run (2,000 images, one epoch) learns far above chance (10%).
     assert first.metrics["accuracy"] > 0.7 and other.metrics["accuracy"] > 0.7
     assert lines and lines[0].startswith("Epoch 1/1, Train Loss: ")
+
+
+def test_weight_ema_warms_up_then_uses_the_full_decay():
+    """The EMA follows the model closely at first (no lingering random init), then averages with ``decay``."""
+    from mnistrec.train import ema_update
+
+    update = ema_update(0.999)
+    ema, model = [torch.zeros(3)], [torch.ones(3)]
+    update(ema, model, torch.tensor(1))  # n = 1: decay (1 + 1) / (10 + 1) = 2/11
+    torch.testing.assert_close(ema[0], torch.full((3,), 9 / 11))
+    ema = [torch.zeros(3)]
+    update(ema, model, torch.tensor(100_000))  # long run: the full decay
+    torch.testing.assert_close(ema[0], torch.full((3,), 1 - 0.999))
+    counts = [torch.tensor(5)]
+    update(counts, [torch.tensor(9)], torch.tensor(3))  # integer buffers take the model's value
+    assert int(counts[0]) == 9
+
+
+def test_ema_run_tracks_the_model_in_its_first_epoch(mnist):
+    """With decay 0.999 and one short epoch, a plain EMA would still be mostly the random initialisation
+    (near-chance validation accuracy); the warmed-up EMA scores close to the model itself."""
+    config = make_config("best", model="cnn-small", epochs=1, limit_train=3000, val_size=1000, ema_decay=0.999,
+                         augment="none", batch_size=64, threads=1)
+    result = train(config, mnist, progress=False, log=lambda _: None, evaluate_test=False)
+    assert result.history[0]["val_accuracy"] > 0.85

@@ -121,7 +121,7 @@ def test_ensemble_reports_members_and_averaged_softmax_and_resumes(mnist, tmp_pa
 
 def test_cli_errors_for_unknown_names_are_one_line_and_list_the_choices(data_dir):
     cases = {
-        ("--model", "resnet9000"): "unknown model 'resnet9000'; choose from: cnn-small, cnn-vgg, ensemble, mlp",
+        ("--model", "resnet9000"): "unknown model 'resnet9000'; choose from: cnn-lite, cnn-small, cnn-vgg, cnn-wide, ensemble, mlp",
         ("--augment", "mixup"): "unknown augmentation 'mixup'; choose from: none, shift, affine, affine+elastic",
         ("--recipe", "turbo"): "invalid choice: 'turbo' (choose from 'seed', 'fast', 'best', 'ensemble')",
     }
@@ -147,7 +147,7 @@ def test_cli_final_run_writes_a_loadable_cnn(data_dir, tmp_path):
                      "--save", tmp_path / "model.pth", "--no-plots", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "final run: 1 epochs" in result.stdout and "Test Acc:" in result.stdout
-    assert load_checkpoint(tmp_path / "model.pth").model_name == "cnn-small"
+    assert load_checkpoint(tmp_path / "model.pth").model_name == "cnn-lite"
 
 
 def test_recipe_benchmark_collects_runs_into_json_and_plot(mnist, tmp_path):
@@ -160,16 +160,22 @@ def test_recipe_benchmark_collects_runs_into_json_and_plot(mnist, tmp_path):
     tiny = dict(epochs=1, batch_size=100, **TINY)
     train(make_config("seed", **{**tiny, "val_size": 0}), mnist, work / "seed", **QUIET)
     train_ensemble(make_config("ensemble", model="mlp", augment="none", **tiny), mnist, work / "ensemble", **QUIET)
+    train(make_config("fast", model="mlp", **tiny), mnist, work / "fast-seed42", **QUIET)
     results, picture = tmp_path / "recipes.json", tmp_path / "recipes.png"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_recipes.py"), "--collect", "--work-dir", work,
-                           "--recipes", "seed,ensemble,best", "--results", results, "--plot", picture, "--note", "shared"],
+                           "--recipes", "seed,ensemble", "--separate-fast", "--fast-seeds", "42,43", "--results", results,
+                           "--plot", picture, "--note", "shared"],
                           env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(results.read_text())
     recipes = report["recipes"]
     members = json.loads((work / "ensemble" / "metrics.json").read_text())["members"]
-    assert recipes["fast"]["test_accuracy"]["values"] == [m["test_accuracy"] for m in members]
-    assert recipes["ensemble"]["vs_seed"]["time_ratio"] > 0 and "incomplete" in recipes["best"]
+    # `best` was not run by name: its row is the ensemble's first member, with that member's own figures.
+    assert recipes["best"]["test_accuracy"] == members[0]["test_accuracy"]
+    assert recipes["best"]["wall_seconds"] == members[0]["seconds"] and "first member" in recipes["best"]["source"]
+    fast_run = json.loads((work / "fast-seed42" / "metrics.json").read_text())
+    assert recipes["fast"]["test_accuracy"]["values"] == [fast_run["test"]["accuracy"]]  # seed 43 never ran
+    assert recipes["ensemble"]["vs_seed"]["time_ratio"] > 0
     assert report["machine"]["cpu_count"] and report["machine"]["torch"] and picture.stat().st_size > 10_000
 
 

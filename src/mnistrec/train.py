@@ -87,14 +87,15 @@ _CNN_COMMON: dict[str, Any] = {
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "seed": {},
-    # Five epochs of the small CNN with whole-pixel random shifts: the most accuracy per second.
-    "fast": {**_CNN_COMMON, "model": "cnn-small", "epochs": 5, "batch_size": 128, "lr": 4e-3, "augment": "shift"},
-    # The VGG-style CNN, affine augmentation, a longer one-cycle schedule and a weight EMA.
-    "best": {**_CNN_COMMON, "model": "cnn-vgg", "epochs": 8, "batch_size": 128, "lr": 3e-3,
-             "augment": "affine", "ema_decay": 0.998},
+    # Five epochs of the strided-stem CNN with whole-pixel random shifts: the most accuracy per second.
+    "fast": {**_CNN_COMMON, "model": "cnn-lite", "epochs": 5, "batch_size": 128, "lr": 4e-3, "augment": "shift"},
+    # The wider strided-stem CNN, affine + elastic augmentation, 20 epochs of one-cycle and a weight EMA;
+    # the best validation epoch is kept.
+    "best": {**_CNN_COMMON, "model": "cnn-wide", "epochs": 20, "batch_size": 128, "lr": 3e-3,
+             "augment": "affine+elastic", "ema_decay": 0.999},
 }
-# Three `fast` models with seeds SEED, SEED+1, SEED+2, averaged softmax, and shifted-view test-time augmentation.
-RECIPES["ensemble"] = {**RECIPES["fast"], "ensemble_size": 3, "tta": True}
+# Three `best` models with seeds SEED, SEED+1, SEED+2, averaged softmax, and shifted-view test-time augmentation.
+RECIPES["ensemble"] = {**RECIPES["best"], "ensemble_size": 3, "tta": True}
 
 
 def recipe_names() -> list[str]:
@@ -233,6 +234,29 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps
     return None
 
 
+def ema_update(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+    """The weight-EMA update for ``AveragedModel``, with the decay warmed up as ``min(decay, (1 + n) / (10 + n))``.
+
+    A plain EMA starts from the random initial weights: with decay 0.999 they
+    still make up 42% of the average after 860 steps (two epochs), so early
+    validation epochs score the initialisation, not the training. The warm-up
+    (as in timm's ``ModelEmaV3``) makes the average follow the model closely at
+    first and reach the full decay after a few thousand steps.
+    """
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        if torch.is_floating_point(ema_params[0]):
+            torch._foreach_lerp_(ema_params, params, weight)
+        else:  # integer buffers (BatchNorm's num_batches_tracked): keep the model's count
+            for ema_param, param in zip(ema_params, params):
+                ema_param.copy_(param)
+
+    return update
+
+
 def _augmenter(config: TrainConfig) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None:
     if config.augment == "none":
         return None
@@ -361,9 +385,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     ema = None
     if config.ema_decay:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
-        )
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=ema_update(config.ema_decay), use_buffers=True)
     augmenter = _augmenter(config)
     train_model = ctx.wrap(model)  # DDP averages the gradients over the ranks
     history: list[dict[str, float]] = []
