@@ -243,7 +243,7 @@ class Ensemble(nn.Module):
     seeds and saves them as one checkpoint of this model.
     """
 
-    def __init__(self, member: str = "cnn-small", size: int = 3, member_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(self, member: str = "cnn-wide", size: int = 3, member_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         if member == "ensemble":
             raise MnistrecError("an ensemble cannot contain ensembles")
