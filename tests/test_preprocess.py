@@ -50,7 +50,8 @@ def test_centre_of_mass_not_box_centre():
     cy, cx = ndi.center_of_mass(t)
     assert abs(cy - 14) <= 0.5 and abs(cx - 14) <= 0.5
     rows, cols = np.flatnonzero((t > 0.3).any(1)), np.flatnonzero((t > 0.3).any(0))
-    assert abs((rows[0] + rows[-1]) / 2 - 14) > 1  # the box itself is not centred
+    # The box itself is not centred (an L's mass sits low and left of its box's centre).
+    assert abs((rows[0] + rows[-1]) / 2 - 14) > 1 and abs((cols[0] + cols[-1]) / 2 - 14) > 1
 
 
 def test_aspect_ratio_kept_and_longer_side_20():
