@@ -80,11 +80,17 @@ def register_model(name: str, description: str) -> Callable[[Callable[..., nn.Mo
 register_model("mlp", "the seed's MLP 784-512-256-10 with ReLU")(SeedMLP)
 
 
-def _conv_bn(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
-    """Conv (no bias: BatchNorm has one) -> BatchNorm -> ReLU, size-preserving."""
+def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    """Conv (no bias: BatchNorm has one) -> BatchNorm -> ReLU; size-preserving at stride 1."""
     return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
+
+
+def global_avg_max_pool(x: torch.Tensor) -> torch.Tensor:
+    """``[N, C, H, W] -> [N, 2C]``: the average sees the whole digit, the max its strongest stroke."""
+    return torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
 
 
 class SmallCNN(nn.Module):
@@ -131,9 +137,7 @@ class VGGCNN(nn.Module):
         self.classifier = nn.Linear(2 * 4 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.normalize(x))
-        # Average and max pooling together: the average sees the whole digit, the max its strongest stroke.
-        x = torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
+        x = global_avg_max_pool(self.features(self.normalize(x)))
         return self.classifier(self.dropout(x))
 
 
@@ -152,9 +156,7 @@ class StridedCNN(nn.Module):
                  dropout: float = 0.0, num_classes: int = 10) -> None:
         super().__init__()
         self.normalize = Normalize()
-        layers: list[nn.Module] = [
-            nn.Sequential(nn.Conv2d(1, stem, 5, stride=2, padding=2, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
-        ]
+        layers: list[nn.Module] = [_conv_bn(1, stem, 5, stride=2)]
         channels = stem
         for width in widths_14:
             layers.append(_conv_bn(channels, width))
@@ -168,8 +170,7 @@ class StridedCNN(nn.Module):
         self.classifier = nn.Linear(2 * channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.normalize(x))
-        x = torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
+        x = global_avg_max_pool(self.features(self.normalize(x)))
         return self.classifier(self.dropout(x))
 
 
