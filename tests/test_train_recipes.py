@@ -175,6 +175,7 @@ def test_recipe_benchmark_collects_runs_into_json_and_plot(mnist, tmp_path):
     assert recipes["best"]["wall_seconds"] == members[0]["seconds"] and "first member" in recipes["best"]["source"]
     fast_run = json.loads((work / "fast-seed42" / "metrics.json").read_text())
     assert recipes["fast"]["test_accuracy"]["values"] == [fast_run["test"]["accuracy"]]  # seed 43 never ran
+    assert recipes["fast"]["incomplete"] == ["fast-seed43"]
     assert recipes["ensemble"]["vs_seed"]["time_ratio"] > 0
     assert report["machine"]["cpu_count"] and report["machine"]["torch"] and picture.stat().st_size > 10_000
 
