@@ -290,9 +290,9 @@ def _background(ink_bright: np.ndarray) -> np.ndarray:
         values = small[rows, cols]
         coef = None
         for _ in range(2):  # refit without the pixels the first fit calls ink
-            coef, *_ = np.linalg.lstsq(design(rows.astype(np.float64), cols.astype(np.float64), small.shape), values, rcond=None)
-            fit = design(rows.astype(np.float64), cols.astype(np.float64), small.shape) @ coef
-            error = values - fit
+            terms = design(rows.astype(np.float64), cols.astype(np.float64), small.shape)
+            coef, *_ = np.linalg.lstsq(terms, values, rcond=None)
+            error = values - terms @ coef
             keep = error < max(3 * float(error.std()), 0.03)
             rows, cols, values = rows[keep], cols[keep], values[keep]
         if float(np.abs(error[keep]).mean()) < 0.04:
