@@ -7,7 +7,7 @@ notebook) is the reference measured in the same run: the JSON gives every
 recipe's time and error rate as a ratio to it.
 
 ``fast`` is reported as mean ± std over several seeds (``--separate-fast``). To
-save CPU the ``ensemble`` recipe (``best`` settings, seeds 42, 43, 44) and ``best``
+save CPU the ``ensemble`` recipe (``best`` settings, seeds 42 to 46) and ``best``
 are not both run: unless ``best`` is asked for by name, its row is the ensemble's
 seed-42 member (same model, data order and augmentation as ``--recipe best``),
 timed by its own training time.

@@ -21,13 +21,13 @@ QUIET = {"progress": False, "log": lambda _: None}
 TINY = {"limit_train": 700, "limit_test": 300, "val_size": 200, "threads": 1}
 
 
-def test_seed_recipe_is_untouched_and_the_accuracy_recipes_hold_out_validation():
+def test_seed_recipe_is_untouched_and_the_accuracy_recipes_test_once_on_all_training_images():
     assert RECIPES["seed"] == {}
     seed = make_config("seed")
     assert (seed.model, seed.optimizer, seed.lr, seed.batch_size, seed.epochs, seed.val_size) == ("mlp", "adam", 1e-3, 64, 5, 0)
     for name in ("fast", "best", "ensemble"):
         config = make_config(name)
-        assert config.val_size == 5000 and not config.epoch_test and config.model.startswith("cnn")
+        assert config.val_size == 0 and not config.epoch_test and config.model.startswith("cnn")
     assert make_config("ensemble").ensemble_size >= 3
 
 

@@ -75,27 +75,29 @@ class TrainConfig:
 
 
 # The seed recipe is the original notebook exactly: MLP, Adam 1e-3, batch 64, 5 epochs.
-# The others hold out a 5,000-image validation split (split_seed 0). Their settings come from common
-# practice and were checked on that split only, never on the test set (few checks: see the README).
+# The others' settings come from common practice and were chosen on a 5,000-image validation split
+# (`--val-size 5000`, split_seed 0), never on the test set (the runs are in the README). Having chosen, the
+# recipes train on all 60,000 images for the chosen epoch count, as `--final` would: the selection runs'
+# validation accuracy was flat over the last epochs, so the extra 5,000 training images are worth more than
+# picking a best epoch. `--val-size 5000` brings the split (and best-epoch selection) back.
 _CNN_COMMON: dict[str, Any] = {
     "optimizer": "adamw",
     "schedule": "onecycle",
     "label_smoothing": 0.1,
     "weight_decay": 5e-4,
-    "val_size": 5000,
-    "epoch_test": False,
+    "val_size": 0,
+    "epoch_test": False,  # the test set is evaluated once, at the end
 }
 RECIPES: dict[str, dict[str, Any]] = {
     "seed": {},
     # Four epochs of the strided-stem CNN with whole-pixel random shifts: the most accuracy per second.
     "fast": {**_CNN_COMMON, "model": "cnn-lite", "epochs": 4, "batch_size": 128, "lr": 4e-3, "augment": "shift"},
-    # The wider strided-stem CNN, affine + elastic augmentation, 20 epochs of one-cycle and a weight EMA;
-    # the best validation epoch is kept.
+    # The wider strided-stem CNN, affine + elastic augmentation, 20 epochs of one-cycle and a weight EMA.
     "best": {**_CNN_COMMON, "model": "cnn-wide", "epochs": 20, "batch_size": 128, "lr": 3e-3,
              "augment": "affine+elastic", "ema_decay": 0.999},
 }
-# Three `best` models with seeds SEED, SEED+1, SEED+2, averaged softmax, and shifted-view test-time augmentation.
-RECIPES["ensemble"] = {**RECIPES["best"], "ensemble_size": 3, "tta": True}
+# Five `best` models with seeds SEED .. SEED+4, averaged softmax, and shifted-view test-time augmentation.
+RECIPES["ensemble"] = {**RECIPES["best"], "ensemble_size": 5, "tta": True}
 
 
 def recipe_names() -> list[str]:
