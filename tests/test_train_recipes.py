@@ -119,6 +119,18 @@ def test_ensemble_reports_members_and_averaged_softmax_and_resumes(mnist, tmp_pa
     assert again.metrics["ensemble"]["accuracy"] == result.metrics["ensemble"]["accuracy"]
 
 
+def test_ensemble_member_is_the_best_recipe_with_its_seed(mnist, tmp_path):
+    # bench_recipes.py reports `best` from the ensemble's members instead of training it again: that is
+    # only fair if member I is exactly `--recipe best --seed SEED+I` (same data order, augmentation, EMA).
+    tiny = dict(model="cnn-lite", epochs=1, batch_size=100, **TINY)
+    ensemble = train_ensemble(make_config("ensemble", ensemble_size=2, **tiny), mnist, tmp_path / "ensemble", **QUIET)
+    alone = train(make_config("best", seed=43, **tiny), mnist, tmp_path / "best", **QUIET)
+    member = load_checkpoint(tmp_path / "ensemble" / "member1" / "model.pth").model.state_dict()
+    assert member.keys() == alone.model.state_dict().keys()
+    assert all(torch.equal(member[k], v) for k, v in alone.model.state_dict().items())
+    assert ensemble.members[1]["test_accuracy"] == alone.metrics["accuracy"]
+
+
 def test_cli_errors_for_unknown_names_are_one_line_and_list_the_choices(data_dir):
     cases = {
         ("--model", "resnet9000"): "unknown model 'resnet9000'; choose from: cnn-lite, cnn-small, cnn-vgg, cnn-wide, ensemble, mlp",
