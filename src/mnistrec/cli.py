@@ -44,7 +44,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def add_train_parser(sub) -> None:
-    from .train import TrainConfig, recipe_names
+    from .train import RECIPES, TrainConfig, recipe_names
 
     defaults = TrainConfig()
     p = sub.add_parser("train", help="train a recipe and write a run directory",
@@ -67,10 +67,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--val-size", type=int, help="training examples held out for validation; selection uses them, never the test set")
     p.add_argument("--early-stop", type=int, metavar="EPOCHS", help="stop after this many epochs without a better "
                    "validation accuracy (needs --val-size); the best validation epoch is kept either way")
-    p.add_argument("--final", action="store_true", help="choose the epoch count on the validation split, then retrain on "
-                   "all training images with it (RUN_DIR/selection holds the selection run)")
+    p.add_argument("--final", action="store_true", help="choose the epoch count on the validation split (needs --val-size), then "
+                   "retrain on all training images with it (RUN_DIR/selection holds the selection run)")
     p.add_argument("--ensemble-size", type=int, metavar="N", help="train N models with seeds SEED, SEED+1, ... and "
-                   "report each and their averaged softmax (ensemble recipe: 3)")
+                   f"report each and their averaged softmax (ensemble recipe: {RECIPES['ensemble']['ensemble_size']})")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="ensembles: also report test-time augmentation over 1-pixel shifted views")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice; "
