@@ -114,7 +114,7 @@ def run_seed_style(data, epochs: int, seed: int) -> dict:
                 test_total += labels.size(0)
                 test_correct += (predicted == labels).sum().item()
         test_acc = test_correct / test_total
-        print(f"  seed-style epoch {epoch + 1}/{epochs}: train {100 * train_acc:.2f}%, test {100 * test_acc:.2f}% "
+        print(f"  seed-style epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, {100 * train_acc:.2f}%, test {100 * test_acc:.2f}% "
               f"({time.perf_counter() - start:.1f}s)", flush=True)
     return {"seconds": time.perf_counter() - start, "train_accuracy": train_acc, "test_accuracy": test_acc}
 
