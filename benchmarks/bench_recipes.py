@@ -16,7 +16,7 @@ its own training time.
 Output: ``benchmarks/results/recipes.json`` (with machine details and the load
 average, since the machine may be shared) and ``docs/images/recipes.png``.
 
-    python benchmarks/bench_recipes.py --data-dir ../shared/datasets/mnist --jobs 2
+    python benchmarks/bench_recipes.py --recipes seed,ensemble --separate-fast --jobs 1 --threads 2
 """
 
 from __future__ import annotations
@@ -105,6 +105,11 @@ def mean_std(values: list[float]) -> dict:
             "n": len(values), "values": values}
 
 
+def mean_of(value: float | dict) -> float:
+    """A single run's figure, or the mean of a ``mean_std`` one."""
+    return value["mean"] if isinstance(value, dict) else value
+
+
 def best_from_ensemble(members: list[dict]) -> dict:
     """The ``best`` row from the ensemble's members, each a ``--recipe best --seed S`` run (module docstring)."""
     return {"source": "the ensemble recipe's members, each identical to --recipe best --seed S; "
@@ -122,10 +127,8 @@ def add_ratios_to_seed(recipes: dict[str, dict]) -> None:
     for row in recipes.values():
         if "test_accuracy" not in row:
             continue
-        seconds = row["wall_seconds"]["mean"] if isinstance(row["wall_seconds"], dict) else row["wall_seconds"]
-        accuracy = row["test_accuracy"]["mean"] if isinstance(row["test_accuracy"], dict) else row["test_accuracy"]
-        row["vs_seed"] = {"time_ratio": round(seconds / reference["wall_seconds"], 3),
-                          "error_ratio": round((1 - accuracy) / (1 - reference["test_accuracy"]), 3)}
+        row["vs_seed"] = {"time_ratio": round(mean_of(row["wall_seconds"]) / reference["wall_seconds"], 3),
+                          "error_ratio": round((1 - mean_of(row["test_accuracy"])) / (1 - reference["test_accuracy"]), 3)}
 
 
 def plot(results: dict, path: Path) -> None:
