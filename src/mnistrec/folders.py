@@ -17,6 +17,7 @@ stale tensor.
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import os
@@ -159,14 +160,27 @@ def _list_csv(path: Path) -> list[tuple[Path, int]]:
 
 
 def preprocessing_code_hash() -> str:
-    """A short hash of the preprocessing source files: part of every cache key, so new code never reads old tensors."""
-    from . import preprocess
+    """A short hash of the preprocessing source: part of every cache key, so new code never reads old tensors.
 
-    origin = Path(preprocess.__file__)
-    files = sorted(origin.parent.glob("*.py")) if origin.name == "__init__.py" else [origin]
+    It covers ``preprocess.py`` and every module of this package it imports,
+    directly or not (found by reading their ``from .x import`` lines), so
+    preprocessing can be split over modules without the cache going stale.
+    """
+    package = Path(__file__).parent
+    seen: set[Path] = set()
+    todo = [package / "preprocess.py"]
     h = hashlib.sha256(f"{_CACHE_VERSION}".encode())
-    for file in files:
-        h.update(file.read_bytes())
+    while todo:
+        file = todo.pop()
+        if file in seen or not file.is_file():
+            continue
+        seen.add(file)
+        source = file.read_bytes()
+        h.update(file.name.encode() + b"\0" + source)
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                todo.extend(package / f"{name.split('.')[0]}.py" for name in names)
     return h.hexdigest()[:16]
 
 
