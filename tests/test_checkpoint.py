@@ -7,7 +7,8 @@ from torch import nn
 
 import pytest
 
-from mnistrec.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from mnistrec.checkpoint import load_checkpoint, save_checkpoint
+from mnistrec.fileio import atomic_write
 from mnistrec.data import FILES, to_float
 from mnistrec.errors import CheckpointError, MnistrecError
 from mnistrec.evaluate import predict_logits

@@ -23,9 +23,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .errors import CheckpointError, MnistrecError, first_line
+from .checkpoint import LoadedModel, load_checkpoint
+from .errors import CheckpointError, MnistrecError
+from .onnx_session import OnnxBackend
 
 BACKENDS = ("torch", "onnx")
+__all__ = ["BACKENDS", "Backend", "OnnxBackend", "TorchBackend", "backend_for", "load_backend"]
 
 
 class Backend(Protocol):
@@ -49,44 +52,6 @@ class TorchBackend:
             return self.model(x)
 
 
-class OnnxBackend:
-    """An onnxruntime CPU session over an ONNX model with one input ``[N, 1, 28, 28]``."""
-
-    name = "onnx"
-
-    def __init__(self, session, source: str) -> None:
-        self.session = session
-        inputs = session.get_inputs()
-        if len(inputs) != 1 or list(inputs[0].shape[1:]) != [1, 28, 28]:
-            shapes = ", ".join(f"{i.name}{i.shape}" for i in inputs)
-            raise CheckpointError(f"{source}: ONNX model must take one input [N, 1, 28, 28], it takes {shapes}")
-        self.input_name = inputs[0].name
-        meta = session.get_modelmeta().custom_metadata_map
-        self.metadata = dict(meta)
-        self.model_name = meta.get("mnistrec.model", "onnx")
-
-    @classmethod
-    def from_bytes(cls, data: bytes | str, source: str = "<memory>", threads: int = 0) -> "OnnxBackend":
-        """A session over serialised ONNX bytes (or a file path); unreadable models become one-line errors.
-
-        ``threads``: onnxruntime's intra-op threads (0: its default, one per physical core).
-        """
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only; onnxruntime's info lines are not for our users
-        options.intra_op_num_threads = threads
-        try:
-            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own pybind11 classes (InvalidProtobuf, Fail, ...)
-            raise CheckpointError(f"{source}: not a loadable ONNX model: {first_line(exc)}") from None
-        return cls(session, source)
-
-    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().to(torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
-
-
 def load_backend(path: str | os.PathLike, backend: str = "torch") -> Backend:
     """Load ``path`` (a ``.pth`` checkpoint or an ``.onnx`` export) for inference with ``backend``."""
     path = Path(path)
@@ -99,12 +64,16 @@ def load_backend(path: str | os.PathLike, backend: str = "torch") -> Backend:
         if not path.is_file():
             raise CheckpointError(f"{path}: no such ONNX file")
         return OnnxBackend.from_bytes(str(path), str(path))
-    from .checkpoint import load_checkpoint
+    return backend_for(load_checkpoint(path), backend)
 
-    loaded = load_checkpoint(path)
+
+def backend_for(loaded: LoadedModel, backend: str = "torch") -> Backend:
+    """Run an already loaded checkpoint with ``backend`` (for ``onnx``, exported in memory first)."""
+    if backend not in BACKENDS:
+        raise MnistrecError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
     if backend == "torch":
         return TorchBackend(loaded.model, loaded.model_name)
-    from .export import export_metadata, onnx_model_proto
+    from .export import export_metadata, onnx_model_proto  # onnx and its exporter: only for this backend
 
     proto = onnx_model_proto(loaded.model, export_metadata(loaded.model_name, loaded.model_kwargs))
-    return OnnxBackend.from_bytes(proto.SerializeToString(), str(path))
+    return OnnxBackend.from_bytes(proto.SerializeToString(), str(loaded.path or "<memory>"))

@@ -4,18 +4,16 @@ Saved with ``torch.save`` as a plain dict of tensors and primitives, and loaded
 with ``torch.load(weights_only=True)``, whose restricted unpickler refuses any
 object that could run code. A bare ``state_dict`` saved the seed's way
 (``torch.save(model.state_dict(), "mnist_model.pth")``) is accepted too.
-Writes are atomic (temporary file, fsync, rename), so a crash or a full disk
+Writes go through :func:`mnistrec.fileio.atomic_write`, so a crash or a full disk
 never leaves a half-written file under the real name.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
 import platform
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, MnistrecError, first_line
+from .fileio import atomic_write
 from .models import MNIST_MEAN, MNIST_STD, create_model
 
 FORMAT = "mnistrec-checkpoint"
@@ -53,52 +52,6 @@ def library_versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(fileobj)``, then put the bytes at ``path`` atomically: temporary file, fsync, rename.
-
-    The previous file at ``path`` stays intact (byte for byte) until the new one is
-    complete; a full disk, a read-only directory or a crash leaves no partial file.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    # Serialise to memory first: torch.save reports a failing file write as an opaque
-    # RuntimeError ("unexpected pos ..."), so the disk is only touched by our own
-    # write() below, whose OSError (ENOSPC, EFBIG, EROFS, EACCES) we turn into one line.
-    buffer = io.BytesIO()
-    tmp = None
-    try:
-        write(buffer)
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-        # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus the umask).
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise MnistrecError(f"cannot write {path}: {exc.strerror or exc}; any previous file there is unchanged") from None
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def checkpoint_dict(model_name: str, model_kwargs: dict[str, Any], model: nn.Module, **meta: Any) -> dict[str, Any]:

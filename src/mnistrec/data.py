@@ -231,7 +231,7 @@ def load_split(
 
 
 def _write_cache(cache: tuple[Path, Path], images: np.ndarray, labels: np.ndarray) -> None:
-    from .checkpoint import atomic_write  # no partial file left behind on a full disk
+    from .fileio import atomic_write  # no partial file left behind on a full disk
 
     try:
         for target, array in zip(cache, (images, labels)):

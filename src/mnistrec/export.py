@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write, load_checkpoint
+from .checkpoint import load_checkpoint
+from .fileio import atomic_write
+from .onnx_session import OnnxBackend
 from .errors import MnistrecError
 
 OPSET = 20
@@ -140,8 +142,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.Pat
                            **({"opset": str(opset)} if fmt == "onnx" else {}))
     samples = [_example_batch(8, 1), _example_batch(1, 2)]  # another batch size than the one exported with
     if fmt == "onnx":
-        from .backends import OnnxBackend
-
         data = onnx_model_proto(loaded.model, meta, opset).SerializeToString()
         backend = OnnxBackend.from_bytes(data)
         for images in samples:

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import atomic_write, checkpoint_dict, library_versions, read_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dict, library_versions, read_checkpoint, save_checkpoint
 from .data import MNIST, to_float
 from .errors import CheckpointError, MnistrecError
 from .evaluate import evaluate
+from .fileio import atomic_write
 from .models import create_model
 
 

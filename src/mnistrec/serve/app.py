@@ -36,7 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..backends import load_backend
+from ..backends import backend_for
 from ..checkpoint import LoadedModel, load_checkpoint
 from ..errors import ImageError, MnistrecError
 from ..models import count_parameters, flops_per_image
@@ -249,7 +249,8 @@ class Service:
         self.loaded = loaded
         self.model = loaded.model
         # What runs the predictions: the PyTorch model, or onnxruntime on this checkpoint exported in memory.
-        self.runner = self.model if backend == "torch" else load_backend(checkpoint_path, backend)
+        # The checkpoint is read once (by the caller); the onnx backend exports these same weights in memory.
+        self.runner = self.model if backend == "torch" else backend_for(loaded, backend)
         self.name = model_name
         self.max_pixels = max_pixels
         self.max_batch_images = max_batch_images
