@@ -272,7 +272,7 @@ def _cached(cache: Path, sha: str) -> torch.Tensor | None:
 
 
 def _store(cache: Path, sha: str, tensor: torch.Tensor) -> None:
-    from .checkpoint import atomic_write
+    from .fileio import atomic_write
 
     try:
         atomic_write(cache / f"{sha}.npy", lambda fh: np.save(fh, tensor.numpy(), allow_pickle=False))
