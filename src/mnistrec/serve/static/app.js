@@ -3,7 +3,8 @@
 "use strict";
 
 const API = "/api/predict?include_image=true&top_k=3";
-const DEBOUNCE_MS = 120;   // while drawing, predict at most this often after the pen pauses
+const PAUSE_MS = 50;      // while drawing, a pause this long asks for a prediction (one request in flight at most)
+const WAITING_MS = 150;   // "Reading…" shows only for answers slower than this: a fast one never flickers
 const EXPORT_SIZE = 280;   // stroke widths are given for a 280 px pad
 const SEND_SIZE = 140;     // the drawing is sent as a 140x140 PNG, dark ink on white like paper: plenty for 20 px
                            // digits, and a quarter of the pixels for the server's preprocessing
@@ -20,7 +21,13 @@ let strokes = [];
 let current = null;
 let uploaded = null;     // {bitmap, name} when the pad shows an uploaded image
 let timer = null;
-let sequence = 0;        // only the newest answer is shown
+let waitingTimer = null;
+let sequence = 0;        // bumped by every new input: only the answer to the newest one is shown
+let latest = null;       // {make, label}: the newest input not yet sent
+let inFlight = false;
+let waitingFor = "";     // the label "Reading …" names
+let edits = 0;           // bumped by every change to the strokes: which drawing a request is for
+let asked = null;        // the input (edits count or File) whose answer is shown or on its way
 let predictions = 0;
 
 function css(name) {
@@ -86,6 +93,7 @@ canvas.addEventListener("pointerdown", (event) => {
   if (uploaded) { uploaded = null; strokes = []; }  // drawing starts a new digit
   current = { width: Number(widthInput.value), points: [point(event)] };
   strokes.push(current);
+  edits += 1;
   render();
 });
 
@@ -93,6 +101,7 @@ canvas.addEventListener("pointermove", (event) => {
   if (!current) return;
   const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
   for (const e of (events.length ? events : [event])) current.points.push(point(e));
+  edits += 1;
   render();
   schedulePrediction();
 });
@@ -108,6 +117,7 @@ canvas.addEventListener("pointercancel", endStroke);
 function undo() {
   if (uploaded) { clearAll(); return; }
   strokes.pop();
+  edits += 1;
   render();
   strokes.length ? predictDrawing() : resetResult();
 }
@@ -137,12 +147,13 @@ document.addEventListener("keydown", (event) => {
 
 async function useFile(file) {
   if (!file) return;
-  busy(true);
+  dropPending();  // the file is the newest input: an answer still on its way is not shown
   if (file.type && !file.type.startsWith("image/")) {
     showError(`${file.name || "that file"} is not an image`);
-    busy(false);
     return;
   }
+  waitingFor = file.name || "pasted image";
+  busy(true);
   strokes = [];
   try {
     uploaded = { bitmap: await createImageBitmap(file), name: file.name || "pasted image" };
@@ -151,7 +162,7 @@ async function useFile(file) {
   }
   render();
   if (!uploaded) hint.classList.add("hidden");
-  predict(file, file.name || "pasted image");
+  request(() => file, file.name || "pasted image", file);
 }
 
 $("file").addEventListener("change", (event) => {
@@ -173,37 +184,79 @@ document.addEventListener("paste", (event) => {
 });
 
 // ---------------------------------------------------------------- prediction
+// At most one request is in flight. Input that arrives meanwhile replaces `latest`; when the answer comes back
+// it is shown only if nothing newer was asked for, else the newest input is sent at once.
 
 function schedulePrediction() {
   clearTimeout(timer);
-  timer = setTimeout(predictDrawing, DEBOUNCE_MS);
+  timer = setTimeout(predictDrawing, PAUSE_MS);
 }
 
-function predictDrawing() {
-  clearTimeout(timer);
-  if (!strokes.length) return;
-  busy(true);
+// The drawing as a PNG, encoded now. canvas.toBlob and OffscreenCanvas.convertToBlob wait for an idle period,
+// which Chromium gives a busy page only after a 1 s timeout; toDataURL encodes at once (~1 ms for 140x140).
+function drawingPng() {
   const off = document.createElement("canvas");
   off.width = off.height = SEND_SIZE;
   const c = off.getContext("2d");
   c.fillStyle = "#fff";
   c.fillRect(0, 0, SEND_SIZE, SEND_SIZE);
   drawStrokes(c, SEND_SIZE, "#000");
-  off.toBlob((blob) => predict(blob, "your drawing"), "image/png");
+  const url = off.toDataURL("image/png");
+  const bytes = Uint8Array.from(atob(url.slice(url.indexOf(",") + 1)), (ch) => ch.charCodeAt(0));
+  return new Blob([bytes], { type: "image/png" });
 }
 
-// data-busy is on <body> from the moment a prediction is asked for until the newest answer is shown.
+function predictDrawing() {
+  clearTimeout(timer);
+  if (!strokes.length) return;
+  request(drawingPng, "your drawing", edits);
+}
+
+// data-busy is on <body> from the moment a prediction is asked for until the newest answer is shown;
+// data-waiting (the visible "Reading…") only once that has taken WAITING_MS, so a fast answer never flickers.
 function busy(on) {
-  if (on) document.body.dataset.busy = "true";
-  else delete document.body.dataset.busy;
+  if (on && !("busy" in document.body.dataset)) {
+    document.body.dataset.busy = "true";
+    waitingTimer = setTimeout(showWaiting, WAITING_MS);
+  } else if (!on) {
+    clearTimeout(waitingTimer);
+    delete document.body.dataset.busy;
+    delete document.body.dataset.waiting;
+  }
 }
 
-async function predict(blob, label) {
-  const mine = ++sequence;
-  busy(true);
+function showWaiting() {
+  document.body.dataset.waiting = "true";
   statusEl.classList.remove("error");
-  statusEl.textContent = `Reading ${label}…`;
-  let response, body;
+  statusEl.textContent = `Reading ${waitingFor}…`;
+}
+
+// Forget every input not yet answered: answers still on their way are dropped when they arrive.
+function dropPending() {
+  sequence += 1;
+  latest = null;
+  asked = null;
+  busy(false);
+}
+
+// Ask for a prediction of `make()` (a Blob, built only when it is sent) for the input `key`; newest input wins.
+// The pen lifted after a pause asks again for the drawing the pause asked for: that answer is already coming.
+function request(make, label, key) {
+  if (key === asked) return;
+  asked = key;
+  sequence += 1;
+  latest = { make, label };
+  waitingFor = label;
+  busy(true);
+  if (!inFlight) send();
+}
+
+async function send() {
+  const mine = sequence, { make, label } = latest;
+  latest = null;
+  inFlight = true;
+  const blob = make();
+  let response, body, failed = false;
   try {
     response = await fetch(API, {
       method: "POST",
@@ -212,13 +265,17 @@ async function predict(blob, label) {
     });
     body = await response.json().catch(() => ({ detail: `HTTP ${response.status}` }));
   } catch (err) {
-    if (mine === sequence) { showError("The server cannot be reached."); busy(false); }
+    failed = true;
+  }
+  inFlight = false;
+  if (mine !== sequence) {  // something newer was asked for meanwhile: this answer is stale
+    if (latest) send();
     return;
   }
-  if (mine !== sequence) return;  // a newer drawing is on its way
   busy(false);
-  if (!response.ok) { showError(body.detail || `HTTP ${response.status}`); return; }
-  showResult(body, label);
+  if (failed) showError("The server cannot be reached.");
+  else if (!response.ok) showError(body.detail || `HTTP ${response.status}`);
+  else showResult(body, label);
 }
 
 function buildBars() {
@@ -268,8 +325,7 @@ function showError(message) {
 }
 
 function resetResult() {
-  sequence += 1;  // drop answers still on their way
-  busy(false);
+  dropPending();
   digitEl.textContent = "–";
   confidenceEl.textContent = "";
   statusEl.classList.remove("error");
