@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import CheckpointError, MnistrecError, first_line
 from .fileio import atomic_write
-from .models import MNIST_MEAN, MNIST_STD, create_model
+from .models import MNIST_MEAN, MNIST_STD, create_model, meta_model
 
 FORMAT = "mnistrec-checkpoint"
 FORMAT_VERSION = 1
@@ -99,19 +99,32 @@ def _verify_crc(path: Path) -> None:
     """Check every record of a torch zip checkpoint against the CRC-32 that torch.save wrote.
 
     torch.load itself does not verify them, so a flipped byte inside the weights
-    would otherwise load silently as a different model. Legacy (non-zip) files
-    carry no checksum and are left to torch.load.
+    would otherwise load silently as a different model. A record whose stored CRC
+    is 0 is checked all the same (the CRC-32 of its bytes must then be 0, true only
+    of an empty record), so a file saved with torch's CRC computation switched off
+    is refused rather than trusted unchecked. torch.save never compresses, so a
+    compressed record (a possible zip bomb) is refused too. Legacy (non-zip,
+    before PyTorch 1.6) files carry no checksum at all and are left to torch.load.
     """
     try:
         if not zipfile.is_zipfile(path):
             return
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
-                if info.CRC == 0:  # written with torch's CRC computation switched off
-                    continue
-                with archive.open(info) as record:  # raises BadZipFile on a CRC mismatch at the end
-                    while record.read(1 << 22):
-                        pass
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise CheckpointError(f"{path}: record {info.filename[:80]} is compressed; torch.save never "
+                                          "compresses, so this is not a checkpoint it wrote")
+                try:
+                    with archive.open(info) as record:  # raises BadZipFile on a CRC mismatch at the end
+                        while record.read(1 << 22):
+                            pass
+                except zipfile.BadZipFile:
+                    if info.CRC != 0:
+                        raise
+                    raise CheckpointError(
+                        f"{path}: record {info.filename[:80]} carries no checksum (saved with torch's CRC-32 "
+                        "switched off), so damage cannot be ruled out; save it again with the default torch.save"
+                    ) from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as exc:
         raise CheckpointError(f"{path}: corrupt checkpoint (garbled or truncated): {first_line(exc, 160)}") from None
 
@@ -121,24 +134,34 @@ def _is_state_dict(obj: dict[str, Any]) -> bool:
 
 
 def build_model(model_name: str, model_kwargs: dict[str, Any], state_dict: dict[str, Any], source: str) -> nn.Module:
-    """Create the named model and load weights strictly, turning mismatches into one line."""
-    model = create_model(model_name, **model_kwargs)
-    expected = model.state_dict()
+    """Create the named model and load weights strictly, turning mismatches into one line.
+
+    Nothing is allocated for the model until everything has been checked: the
+    arguments against the model's declared bounds, its parameter count and the
+    shape of every weight against the same model built on the ``meta`` device.
+    """
+    expected = meta_model(model_name, **model_kwargs).state_dict()
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{source}: its state_dict is a {type(state_dict).__name__}, not a dict of weights")
     missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    unexpected = [str(k) for k in state_dict if k not in expected]
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {', '.join(missing[:3])}{'…' if len(missing) > 3 else ''}")
         if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:3])}{'…' if len(unexpected) > 3 else ''}")
+            parts.append(f"unexpected {', '.join(unexpected[:3])[:200]}{'…' if len(unexpected) > 3 else ''}")
         raise CheckpointError(f"{source}: weights do not fit model {model_name!r} ({'; '.join(parts)})")
     for key, tensor in expected.items():
-        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: weight {key} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != tuple(tensor.shape):
             raise CheckpointError(
-                f"{source}: weight {key} has shape {tuple(state_dict[key].shape)}, "
+                f"{source}: weight {key} has shape {tuple(value.shape)}, "
                 f"model {model_name!r} expects {tuple(tensor.shape)}"
             )
+    model = create_model(model_name, **model_kwargs)
     model.load_state_dict(state_dict)
     model.eval()
     return model
@@ -151,7 +174,10 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     if obj.get("format") == FORMAT:
         if "state_dict" not in obj or "model_name" not in obj:
             raise CheckpointError(f"{path}: checkpoint is missing its state_dict or model name")
-        name, kwargs = obj["model_name"], dict(obj.get("model_kwargs") or {})
+        name, kwargs = obj["model_name"], obj.get("model_kwargs") or {}
+        if not isinstance(name, str) or not isinstance(kwargs, dict):
+            raise CheckpointError(f"{path}: its model name or model_kwargs are malformed")
+        kwargs = dict(kwargs)
         meta = {k: v for k, v in obj.items() if k not in ("state_dict", "optimizer", "scheduler", "rng")}
         state = obj["state_dict"]
     elif _is_state_dict(obj):

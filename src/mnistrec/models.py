@@ -10,7 +10,8 @@ model's ``state_dict`` keys stay exactly those of the seed notebook.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -20,6 +21,12 @@ from .errors import MnistrecError
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
+
+#: The most parameters a model may have (counted on the ``meta`` device, before any allocation).
+#: 50 M float32 parameters are 200 MB; the largest model shipped here has about 0.6 M.
+MAX_PARAMETERS = 50_000_000
+#: The most members an ensemble may have.
+MAX_ENSEMBLE_SIZE = 64
 
 
 class Normalize(nn.Module):
@@ -58,26 +65,45 @@ class SeedMLP(nn.Module):
 
 
 @dataclass(frozen=True)
+class Arg:
+    """The accepted values of one model keyword argument: a number in ``[low, high]``,
+    a tuple of at most ``max_len`` such integers, a registered model name, or a dict of a member's kwargs."""
+
+    kind: str  # "int", "float", "ints", "model" or "kwargs"
+    low: float = 0
+    high: float = 0
+    max_len: int = 0
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     factory: Callable[..., nn.Module]
     description: str
+    bounds: dict[str, Arg] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, description: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: make ``factory`` available as ``create_model(name, **kwargs)``."""
+def register_model(name: str, description: str, bounds: dict[str, Arg] | None = None,
+                   ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make ``factory`` available as ``create_model(name, **kwargs)``.
+
+    ``bounds`` declares every keyword argument a checkpoint may set and its range;
+    anything else is refused before a single layer is built.
+    """
 
     def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = ModelSpec(name, factory, description)
+        _REGISTRY[name] = ModelSpec(name, factory, description, dict(bounds or {}))
         return factory
 
     return decorate
 
 
-register_model("mlp", "the seed's MLP 784-512-256-10 with ReLU")(SeedMLP)
+_CLASSES = {"num_classes": Arg("int", 10, 10)}  # the API, the page and the metrics all assume ten digits
+register_model("mlp", "the seed's MLP 784-512-256-10 with ReLU",
+               {"hidden1": Arg("int", 1, 16384), "hidden2": Arg("int", 1, 16384), **_CLASSES})(SeedMLP)
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -174,16 +200,22 @@ class StridedCNN(nn.Module):
         return self.classifier(self.dropout(x))
 
 
-register_model("cnn-small", "small fast CNN: 3 conv-BN-ReLU-pool blocks, 16-32-64 channels")(SmallCNN)
-register_model("cnn-vgg", "VGG-style CNN with BatchNorm: 5 convs 16-16-32-32-64, avg+max pooling, dropout")(VGGCNN)
+_WIDTH = Arg("int", 1, 2048)
+_DROPOUT = Arg("float", 0.0, 1.0)
+_STRIDED = {"stem": _WIDTH, "widths_14": Arg("ints", 1, 2048, 8), "widths_7": Arg("ints", 1, 2048, 8),
+            "dropout": _DROPOUT, **_CLASSES}
+register_model("cnn-small", "small fast CNN: 3 conv-BN-ReLU-pool blocks, 16-32-64 channels",
+               {"width": _WIDTH, **_CLASSES})(SmallCNN)
+register_model("cnn-vgg", "VGG-style CNN with BatchNorm: 5 convs 16-16-32-32-64, avg+max pooling, dropout",
+               {"width": _WIDTH, "dropout": _DROPOUT, **_CLASSES})(VGGCNN)
 
 
-@register_model("cnn-lite", "strided-stem CNN: 5x5/2 stem 16, convs 32 @14x14, 64-64 @7x7, avg+max pooling")
+@register_model("cnn-lite", "strided-stem CNN: 5x5/2 stem 16, convs 32 @14x14, 64-64 @7x7, avg+max pooling", _STRIDED)
 def cnn_lite(**kwargs: Any) -> StridedCNN:
     return StridedCNN(**{"stem": 16, "widths_14": (32,), "widths_7": (64, 64), **kwargs})
 
 
-@register_model("cnn-wide", "strided-stem CNN: 5x5/2 stem 32, convs 48 @14x14, 96-96 @7x7, avg+max pooling")
+@register_model("cnn-wide", "strided-stem CNN: 5x5/2 stem 32, convs 48 @14x14, 96-96 @7x7, avg+max pooling", _STRIDED)
 def cnn_wide(**kwargs: Any) -> StridedCNN:
     return StridedCNN(**{"stem": 32, "widths_14": (48,), "widths_7": (96, 96), **kwargs})
 
@@ -192,10 +224,73 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model by name; unknown names list the choices."""
+def _check_value(name: str, key: str, value: Any, arg: Arg) -> None:
+    """Raise a one-line :class:`MnistrecError` unless ``value`` is what ``arg`` accepts."""
+    where = f"model {name!r}: {key}"
+    if arg.kind == "model":
+        if value not in _REGISTRY or value == name:
+            raise MnistrecError(f"{where}={value!r} is not a registered model other than {name!r}")
+    elif arg.kind == "kwargs":
+        if not isinstance(value, dict):
+            raise MnistrecError(f"{where} must be a dict, not {type(value).__name__}")
+    elif arg.kind == "ints":
+        if not isinstance(value, (list, tuple)) or len(value) > arg.max_len:
+            raise MnistrecError(f"{where} must be a list of at most {arg.max_len} integers")
+        for item in value:
+            _check_value(name, key + "[]", item, Arg("int", arg.low, arg.high))
+    else:
+        numeric = (int, float) if arg.kind == "float" else (int,)
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            raise MnistrecError(f"{where} must be {'a number' if arg.kind == 'float' else 'an integer'}, not {value!r:.40}")
+        if not (math.isfinite(value) and arg.low <= value <= arg.high):
+            raise MnistrecError(f"{where}={value!r:.40} is out of range ({arg.low:g} to {arg.high:g})")
+
+
+def validate_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Check ``kwargs`` against the bounds that model ``name`` declared (an ensemble's member's too).
+
+    Cheap and allocation-free: it runs before anything is built, so a checkpoint
+    asking for a 200,000-wide layer or a million-member ensemble is refused at once.
+    """
     if name not in _REGISTRY:
         raise MnistrecError(f"unknown model {name!r}; choose from: {', '.join(model_names())}")
+    if not isinstance(kwargs, dict):
+        raise MnistrecError(f"model {name!r}: arguments must be a dict, not {type(kwargs).__name__}")
+    bounds = _REGISTRY[name].bounds
+    for key, value in kwargs.items():
+        if key not in bounds:
+            raise MnistrecError(f"bad arguments for model {name!r}: unknown argument {str(key)[:40]!r} "
+                                f"(accepted: {', '.join(bounds) or 'none'})")
+        _check_value(name, key, value, bounds[key])
+    if "member_kwargs" in kwargs:
+        validate_kwargs(kwargs.get("member", "cnn-wide"), kwargs["member_kwargs"])
+
+
+def meta_model(name: str, **kwargs: Any) -> nn.Module:
+    """The model built on the ``meta`` device: shapes and parameter count, no memory for weights.
+
+    Validates ``kwargs`` first and refuses a model over :data:`MAX_PARAMETERS`.
+    """
+    validate_kwargs(name, kwargs)
+    try:
+        with torch.device("meta"):
+            model = _REGISTRY[name].factory(**kwargs)
+    except TypeError as exc:
+        raise MnistrecError(f"bad arguments for model {name!r}: {exc}") from None
+    count = count_parameters(model)
+    if count > MAX_PARAMETERS:
+        raise MnistrecError(f"model {name!r} with these arguments would have {count:,} parameters, "
+                            f"over the limit of {MAX_PARAMETERS:,}")
+    return model
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model by name; unknown names list the choices.
+
+    The arguments are checked against the model's declared bounds and its size is
+    counted on the ``meta`` device first, so nothing large is ever allocated by mistake.
+    """
+    meta_model(name, **kwargs)
     try:
         return _REGISTRY[name].factory(**kwargs)
     except TypeError as exc:
@@ -248,6 +343,8 @@ class Ensemble(nn.Module):
         super().__init__()
         if member == "ensemble":
             raise MnistrecError("an ensemble cannot contain ensembles")
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_ENSEMBLE_SIZE:
+            raise MnistrecError(f"model 'ensemble': size={size!r:.40} is out of range (1 to {MAX_ENSEMBLE_SIZE})")
         self.members = nn.ModuleList(create_model(member, **(member_kwargs or {})) for _ in range(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,4 +352,5 @@ class Ensemble(nn.Module):
         return probabilities.clamp_min(1e-12).log()
 
 
-register_model("ensemble", "averaged softmax of N trained models (written by the ensemble recipe)")(Ensemble)
+register_model("ensemble", "averaged softmax of N trained models (written by the ensemble recipe)",
+               {"member": Arg("model"), "size": Arg("int", 1, MAX_ENSEMBLE_SIZE), "member_kwargs": Arg("kwargs")})(Ensemble)
