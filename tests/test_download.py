@@ -4,12 +4,15 @@ The server has one URL prefix per behaviour: ``/good/`` serves the real files,
 ``/missing/`` answers 404, ``/short/`` promises the full Content-Length and closes
 after half the body, ``/wrong/`` serves a valid gzip of a valid but different
 IDX file, ``/html/`` an error page with status 200, ``/stall/`` sends half the
-body and then waits.
+body and then waits, ``/bomb/`` a valid 2 MB gzip that unpacks to 2 GiB of zeros.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import io
+import os
 import shutil
 import signal
 import struct
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,6 +31,27 @@ from mnistrec.data import FILES, download, load_split
 from mnistrec.errors import DataError
 
 NAMES = [f"{name}.gz" for name in FILES]
+BOMB_MIB = 2048
+
+
+@functools.lru_cache(maxsize=1)
+def gzip_bomb(mib: int = BOMB_MIB) -> bytes:
+    """A valid gzip file (header, deflate stream, CRC-32, length) of ``mib`` MiB of zeros, about 1 KB per MiB.
+
+    Built from one deflate block repeated: after a full flush the compressor forgets its history,
+    so compressing the same MiB again yields the same bytes.
+    """
+    zeros = bytes(1 << 20)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    block = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    assert compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH) == block
+    crc = 0
+    for _ in range(mib):
+        crc = zlib.crc32(zeros, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    trailer = struct.pack("<II", crc, (mib << 20) & 0xFFFFFFFF)
+    return header + first + block * (mib - 1) + compressor.flush(zlib.Z_FINISH) + trailer
 
 
 class MirrorServer:
@@ -57,6 +82,8 @@ class MirrorServer:
                     body = gzip.compress(idx)
                 elif mode == "html":
                     body = b"<html><body>Service temporarily unavailable</body></html>"
+                elif mode == "bomb":
+                    body = gzip_bomb()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body)))
@@ -214,3 +241,36 @@ def test_interrupted_download_leaves_no_file(server, tmp_path):
     assert process.returncode == 130, err
     assert "Traceback" not in err
     _assert_only_final_files(target, set())
+
+
+def test_a_gzip_bomb_is_refused_with_bounded_memory_and_the_next_mirror_is_used(server, data_dir, tmp_path):
+    """The real attack: a hostile mirror serves a 2 MB gzip that unpacks to 2 GiB. The download unpacks at most
+    the expected size + 1 byte while hashing, refuses it, and takes the next mirror; the child's peak RSS
+    (os.wait4, this child only) stays far below the 2 GiB the bomb would need."""
+    bomb = gzip_bomb()
+    assert len(bomb) < 3_000_000
+    with gzip.open(io.BytesIO(bomb)) as fh:  # it really is a valid gzip of zeros
+        assert fh.read(1 << 20) == bytes(1 << 20)
+    target = tmp_path / "mnist"
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        proc = subprocess.Popen([sys.executable, "-m", "mnistrec", "download", "--data-dir", str(target),
+                                 "--mirror", server.url("bomb"), "--mirror", server.url("good")],
+                                cwd=REPO, env=cli_env(), stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+    stderr = err.read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, stderr
+    for name in NAMES:
+        refused = [line for line in stderr.splitlines() if line.startswith(f"{name}: ") and "/bomb/" in line]
+        assert len(refused) == 1 and "failed" in refused[0], stderr
+        size = FILES[name[:-3]].size
+        if size > len(bomb):  # the images: the 2 MB body is plausible, its unpacking is capped
+            assert f"unpacks to more than the expected {size:,} bytes" in refused[0], stderr
+        else:  # the labels: a body bigger than the unpacked file plus 1 MiB is not even read to the end
+            assert f"the mirror sent more than {size + (1 << 20):,} bytes" in refused[0], stderr
+        assert f"{name}: downloaded from {server.url('good')}" in stderr
+    assert [p.split("/")[1] for p in server.requests if p.endswith(NAMES[0])] == ["bomb", "good"]
+    _assert_only_final_files(target, set(NAMES))
+    peak_mb = usage.ru_maxrss / 1024
+    print(f"gzip bomb ({len(bomb):,} bytes -> {BOMB_MIB} MiB): refused; download peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"

@@ -277,7 +277,13 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- download
 
 
-def _fetch(url: str, dest: Path, timeout: float, progress: bool) -> None:
+#: A gzip of N bytes is never much bigger than N (stored blocks add 5 bytes per 64 KiB);
+#: a mirror sending more than this over the decompressed size is refused mid-transfer.
+_GZIP_SLACK = 1 << 20
+
+
+def _fetch(url: str, dest: Path, timeout: float, progress: bool, limit: int | None = None) -> None:
+    """Stream ``url`` into ``dest``; stop with a :class:`DataError` after ``limit`` bytes."""
     from tqdm.auto import tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": "mnistrec"})
@@ -291,10 +297,37 @@ def _fetch(url: str, dest: Path, timeout: float, progress: bool) -> None:
                 out.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
+                if limit is not None and received > limit:
+                    raise DataError(f"the mirror sent more than {limit:,} bytes, far more than the file's size")
         if total is not None and received != total:
             raise DataError(f"connection closed after {received} of {total} bytes")
         out.flush()
         os.fsync(out.fileno())
+
+
+def _gunzip_verified(path: Path, info: IdxFile) -> bytes:
+    """Unzip a downloaded ``.gz`` while hashing it, holding at most ``info.size + 1`` bytes.
+
+    A gzip bomb (a small file that inflates to gigabytes) is refused as soon as
+    its output passes the known decompressed size, so memory stays bounded
+    whatever a mirror or a proxy sends. Returns the bytes once size and SHA-256 match.
+    """
+    digest, out = hashlib.sha256(), bytearray()
+    try:
+        with gzip.open(path, "rb") as fh:
+            # read(n) inflates at most n bytes, so nothing beyond the cap is ever produced.
+            while chunk := fh.read(min(1 << 20, info.size + 1 - len(out))):
+                out += chunk
+                digest.update(chunk)
+                if len(out) > info.size:
+                    raise DataError(f"unpacks to more than the expected {info.size:,} bytes (a gzip bomb?)")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"the response: not a valid gzip file ({exc})") from None
+    raw = bytes(out)
+    parse_idx(raw, "the response", _expected_magic(info.name))
+    if digest.hexdigest() != info.sha256:
+        raise DataError("checksum mismatch: the mirror served different bytes")
+    return raw
 
 
 def _failure_reason(exc: BaseException) -> str:
@@ -347,11 +380,8 @@ def download(
             os.close(fd)
             tmp = Path(tmp_name)
             try:
-                _fetch(url, tmp, timeout, progress)
-                raw = _read_bytes(tmp, "the response")
-                parse_idx(raw, "the response", _expected_magic(name))
-                if hashlib.sha256(raw).hexdigest() != info.sha256:
-                    raise DataError("checksum mismatch: the mirror served different bytes")
+                _fetch(url, tmp, timeout, progress, limit=info.size + _GZIP_SLACK)
+                _gunzip_verified(tmp, info)
                 os.replace(tmp, final)
                 log(f"{final.name}: downloaded from {mirror}")
                 break
