@@ -155,3 +155,33 @@ def test_a_compressed_record_is_refused(mlp_checkpoint, tmp_path):
             dst.writestr(info.filename, src.read(info))
     with pytest.raises(CheckpointError, match="is compressed"):
         load_checkpoint(bomb)
+
+
+def test_legacy_non_zip_checkpoints_what_is_and_is_not_checked(mlp_checkpoint, tmp_path):
+    """Legacy files (PyTorch < 1.6, not zip) carry no checksum: documented, and pinned here.
+
+    Checked: the restricted unpickler, the declared storage sizes (a storage claiming 4 GB is refused without
+    allocating it), the model's bounds, parameter cap and weight shapes. Not checked: the weight values.
+    """
+    obj = torch.load(mlp_checkpoint, weights_only=True)
+    legacy = tmp_path / "legacy.pth"
+    torch.save(obj, legacy, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(legacy)
+    original = load_checkpoint(legacy).model.state_dict()["layer_3.bias"].clone()
+
+    data = bytearray(legacy.read_bytes())
+    at = data.find(original.numpy().tobytes())  # layer_3.bias's storage: 8 bytes of element count, then the floats
+    assert at > 0 and int.from_bytes(data[at - 8 : at], "little") == 10
+    data[at + 5] ^= 0x40
+    legacy.write_bytes(bytes(data))
+    flipped = load_checkpoint(legacy).model.state_dict()["layer_3.bias"]
+    assert not torch.equal(flipped, original)  # loaded silently: the documented gap of the legacy format
+
+    data[at - 8 : at] = (10**9).to_bytes(8, "little")  # layer_3.bias holds 10 floats: claim 10^9 (4 GB) instead
+    legacy.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(legacy)
+
+    torch.save({**obj, "model_kwargs": {"hidden1": 200_000, "hidden2": 200_000}}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="out of range"):
+        load_checkpoint(legacy)
