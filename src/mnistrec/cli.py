@@ -304,7 +304,7 @@ def add_predict_parser(sub) -> None:
                        description="Predict digits in image files (PNG, JPEG, BMP, GIF, WebP, TIFF) and folders. "
                                    "Each image is preprocessed the way MNIST was made (see the README). A file that "
                                    "cannot be read gets one line on stderr; the others are still predicted; the exit "
-                                   "code is 1 when any file failed.")
+                                   "code is 1 when some files failed, 2 when none could be predicted.")
     p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict), or an exported .onnx with --backend onnx")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
     p.add_argument("--top-k", type=int, default=3, metavar="K", help="how many most likely digits to list (default: 3)")
@@ -369,9 +369,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"explanation: {explain_figure(explain_rows(backend, explained, limit=12), Path(args.explain))}", file=sys.stderr)
         else:
             print("mnistrec: error: --explain: no image could be predicted, nothing to draw", file=sys.stderr)
-    if failed:
+    if failed and len(paths) > 1:  # one file: its own error line says it all
         print(f"mnistrec: {failed} of {len(paths)} file(s) failed", file=sys.stderr)
-    return 1 if failed else 0
+    # No file predicted is a user mistake like a bad option (exit 2); some failed among good ones is exit 1.
+    return 2 if failed == len(paths) else 1 if failed else 0
 
 
 # --------------------------------------------------------------------------- entry point

@@ -21,72 +21,136 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError, first_line
 
-#: Largest image (width × height) we decode; bigger files are refused as possible decompression bombs.
+#: The formats the README promises, in Pillow's names, and the only decoders ever run (never EPS, which runs
+#: Ghostscript, nor PSD, FLI, SGI and Pillow's other decoders of rarely used formats).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+ACCEPTED_NAMES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
+#: Largest image (width × height) we decode by default (the CLI); bigger files are refused as possible decompression
+#: bombs. The HTTP API uses a smaller cap (mnistrec.serve: 4096 × 4096).
 MAX_PIXELS = 50_000_000
 #: Images are reduced to at most this many pixels on their longer side before any float work (bounded memory).
 WORK_SIZE = 1024
+#: Bytes per pixel of Pillow's in-memory modes: 1, L and P take one byte, 16-bit greyscale two, the rest
+#: (RGB included) four.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 
 
 # --------------------------------------------------------------------------- decoding
 
 
-def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, draft: bool = False) -> Image.Image:
-    """Decode an image file (path or bytes), apply its EXIF orientation and check its size.
+def decoded_bytes(image: Image.Image) -> int:
+    """Memory Pillow allocates to decode ``image`` (from its header: mode, size, and the draft scale if set)."""
+    return image.width * image.height * _MODE_BYTES.get(image.mode, 4)
 
-    Reads PNG, JPEG, BMP, GIF (first frame), WebP and TIFF in any mode Pillow
-    supports (greyscale, RGB, RGBA, palette, 16-bit). Raises :class:`ImageError`
-    with a one-line message for a missing or unreadable path, a file that is not
-    an image, a truncated or corrupt file, a 0×0 image, or more than
-    ``max_pixels`` pixels (checked from the header, before decoding, so a
-    decompression bomb never allocates its memory).
 
-    ``draft=True`` lets the JPEG decoder skip detail that :func:`~mnistrec.preprocess.preprocess`
-    would average away anyway (it decodes at 1/2, 1/4 or 1/8 scale, never below
-    WORK_SIZE on the longer side): a 12-Mpx phone photo then decodes several
-    times faster. Other formats ignore it.
-    """
+def _open_file(source: str | os.PathLike | bytes) -> io.BufferedIOBase:
+    """A binary file object for a path or bytes; :class:`ImageError` for an empty, missing or unreadable one."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageError("empty file, not an image")
-        fh = io.BytesIO(bytes(source))
+        return io.BytesIO(bytes(source))
+    try:
+        return open(Path(source), "rb")  # noqa: SIM115 - closed by the caller's with-block
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
+
+
+def _check_header(image: Image.Image, max_pixels: int, max_bytes: int) -> None:
+    """Refuse empty images, more than ``max_pixels`` pixels, or more than ``max_bytes`` once decoded."""
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ImageError(f"image is {width}×{height} pixels, nothing to read")
+    if width * height > max_pixels:
+        raise ImageError(f"image is {width}×{height} = {width * height:,} pixels, more than the "
+                         f"{max_pixels:,} allowed (decompression bomb?)")
+    if decoded_bytes(image) > max_bytes:
+        raise ImageError(f"image is {width}×{height} in mode {image.mode}: {decoded_bytes(image) / 2**20:,.0f} MiB "
+                         f"decoded, more than the {max_bytes / 2**20:,.0f} MiB allowed")
+
+
+def _shrink_for_work(image: Image.Image) -> Image.Image:
+    """Box-reduce by the largest integer factor that keeps the longer side >= WORK_SIZE, in the image's own mode.
+
+    Done before any conversion, so a 4096×4096 RGBA picture is converted at 1024×1024
+    (4 MiB), not at full size (64 MiB per copy). Palette, 1-bit and 16-bit modes
+    cannot be averaged as they are (an average of palette indices is meaningless)
+    and are converted first.
+    """
+    factor = max(image.size) // WORK_SIZE
+    if factor < 2:
+        return image
+    info = dict(image.info)
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    elif image.mode.startswith("I;16"):
+        # Reduced as 32-bit integers, then scaled to [0, 1] as 16-bit pictures are (to_grey reads "F" as is).
+        wide = np.asarray(image.convert("I").reduce(factor), dtype=np.float32) / np.float32(65535.0)
+        small = Image.fromarray(wide, mode="F")
+        small.info = info
+        return small
+    if image.mode in ("RGBA", "LA", "RGBa", "La"):
+        # Pillow's own reduce premultiplies alpha on a full-size copy (64 MiB for 4096² RGBA): reduce the grey and
+        # alpha planes (1 byte per pixel) instead; to_grey composites them, un-premultiplied, as it always has.
+        small = Image.merge("LA", (image.convert("L").reduce(factor), image.getchannel("A").reduce(factor)))
     else:
-        path = Path(source)
-        try:
-            fh = open(path, "rb")
-        except FileNotFoundError:
-            raise ImageError("no such file") from None
-        except IsADirectoryError:
-            raise ImageError("is a directory, not an image") from None
-        except OSError as exc:
-            raise ImageError(f"cannot read: {exc.strerror or exc}") from None
-    with fh:
+        small = image.reduce(factor)
+    small.info = info  # keeps the EXIF orientation for exif_transpose
+    return small
+
+
+def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, draft: bool = False,
+               max_bytes: int | None = None) -> Image.Image:
+    """Decode an image file (path or bytes), apply its EXIF orientation and check its size.
+
+    Reads PNG, JPEG, BMP, GIF (first frame), WebP and TIFF (:data:`ACCEPTED_FORMATS`)
+    in any mode Pillow supports (greyscale, RGB, RGBA, palette, 16-bit); no other
+    decoder is ever run. Raises :class:`ImageError` with a one-line message for a
+    missing or unreadable path, a file that is not an image in an accepted format,
+    a truncated or corrupt file, a 0×0 image, more than ``max_pixels`` pixels, or
+    more than ``max_bytes`` of decoded pixels (default: 4 bytes per allowed
+    pixel). Both caps are checked from the header, before decoding, so a
+    decompression bomb never allocates its memory.
+
+    ``draft=True`` (the CLI and the API) drops detail that
+    :func:`~mnistrec.preprocess.preprocess` would average away anyway: the JPEG
+    decoder works at 1/2, 1/4 or 1/8 scale, never below WORK_SIZE on the longer
+    side (a 12-Mpx phone photo decodes several times faster), and any picture
+    at least twice WORK_SIZE is box-reduced by an integer factor right after
+    decoding, before its EXIF rotation and conversions.
+    """
+    max_bytes = 4 * max_pixels if max_bytes is None else max_bytes
+    with _open_file(source) as fh:
         try:
             with warnings.catch_warnings():
                 # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; we enforce our own cap below.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(fh)
-                width, height = image.size
-                if width == 0 or height == 0:
-                    raise ImageError(f"image is {width}×{height} pixels, nothing to read")
-                if width * height > max_pixels:
-                    raise ImageError(f"image is {width}×{height} = {width * height:,} pixels, more than the "
-                                     f"{max_pixels:,} allowed (decompression bomb?)")
-                if draft and image.format == "JPEG":
+                image = Image.open(fh, formats=ACCEPTED_FORMATS)
+                _check_header(image, max_pixels, 2**62)
+                if draft and image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with extra pictures
                     # Pillow keeps both sides >= the requested ones: ask for the size preprocess reduces to.
-                    factor = WORK_SIZE / max(width, height)
-                    image.draft(image.mode, (max(1, int(width * factor)), max(1, int(height * factor))))
+                    factor = WORK_SIZE / max(image.size)
+                    image.draft(image.mode, (max(1, int(image.width * factor)), max(1, int(image.height * factor))))
+                _check_header(image, max_pixels, max_bytes)  # after draft: the size actually decoded
                 image.load()
         except ImageError:
             raise
         except Image.DecompressionBombError:
             raise ImageError(f"image has more than the {max_pixels:,} pixels allowed (decompression bomb?)") from None
         except UnidentifiedImageError:
-            raise ImageError("not an image (or a format Pillow cannot read)") from None
+            raise ImageError(f"not an image in an accepted format ({ACCEPTED_NAMES})") from None
         except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as exc:
             raise ImageError(f"truncated or corrupt image: {first_line(exc, 160)}") from None
+    if draft:
+        image = _shrink_for_work(image)
     try:
         image = ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block must not lose the picture: keep it unrotated
+    except Exception:  # noqa: BLE001, S110 - a malformed EXIF block must not lose the picture: keep it unrotated
         pass
     return image
 
@@ -96,6 +160,7 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, 
 
 def _pil_to_arrays(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     """Greyscale float32 in [0, 1] and alpha (or None), reduced to at most WORK_SIZE on the longer side."""
+    image = _shrink_for_work(image)
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         image = image.convert("I") if mode != "I" else image

@@ -40,10 +40,16 @@ def decode_base64(text: str, what: str = "image") -> bytes:
 
 
 def image_to_tensor(data: bytes, max_pixels: int, invert: str = "auto") -> torch.Tensor:
-    """Decode an image file and preprocess it as MNIST was made: float ``[1, 28, 28]`` in [0, 1]."""
+    """Decode an image file and preprocess it as MNIST was made: float ``[1, 28, 28]`` in [0, 1].
+
+    Only the formats of :data:`mnistrec.imagefile.ACCEPTED_FORMATS` are decoded; more
+    than ``max_pixels`` pixels (or 4 bytes per allowed pixel once decoded) is refused
+    from the header. ``draft`` decoding keeps memory and time proportional to the
+    1024-px working size, not to the upload.
+    """
     if not data:
         raise InputError("the image file is empty")
-    return preprocess(open_image(data, max_pixels=max_pixels), invert=invert)
+    return preprocess(open_image(data, max_pixels=max_pixels, draft=True), invert=invert)
 
 
 def pixels_to_tensor(values: Any, scale: float = 1.0, what: str = "pixels") -> torch.Tensor:
