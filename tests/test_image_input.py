@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import REPO, cli_env, run_cli
 from PIL import Image
 
-from conftest import REPO, cli_env, run_cli
 from mnistrec.errors import ImageError
 from mnistrec.imagefile import ACCEPTED_FORMATS, open_image
 from mnistrec.preprocess import preprocess
@@ -101,3 +101,62 @@ def test_eps_upload_gets_a_4xx_naming_the_formats_and_ghostscript_never_runs(tmp
         ok = httpx.post(url + "/api/predict", files={"file": ("digit.png", encoded("PNG"), "image/png")}, timeout=60)
         assert ok.status_code == 200 and ok.json()["digit"] in range(10)
     assert not marker.exists(), "Ghostscript was run"
+
+
+def dotted_page() -> np.ndarray:
+    """Squared paper: a 1000×300 white page with a 2-px dot every 6 px (8,350 separate marks)."""
+    page = np.full((300, 1000), 255, np.uint8)
+    for y in range(2, 300, 6):
+        for x in range(2, 1000, 6):
+            page[y : y + 2, x : x + 2] = 0
+    return page
+
+
+def test_multi_dotted_page_is_refused_quickly_by_the_real_cli(tmp_path, mlp_checkpoint):
+    import time
+
+    dots, digit = tmp_path / "dots.png", tmp_path / "digit.png"
+    Image.fromarray(dotted_page()).save(dots)
+    digit_bar().save(digit)
+    # The same CLI on a one-digit picture: process start-up (importing torch) is not what is measured.
+    started = time.perf_counter()
+    control = run_cli("predict", mlp_checkpoint, digit, "--multi")
+    control_seconds = time.perf_counter() - started
+    assert control.returncode == 0, control.stderr
+    started = time.perf_counter()
+    result = run_cli("predict", mlp_checkpoint, dots, "--multi", timeout=120)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"mnistrec: error: {dots}: too many separate marks to read as a number (8350 found, at most 300)"]
+    # Target 2 s (0.2 s measured in process); the bound is generous for a loaded machine. Quadratic merging took > 120 s.
+    assert seconds - control_seconds < 10, (seconds, control_seconds)
+
+
+def test_multi_caps_in_process():
+    import time
+
+    from mnistrec.preprocess import split_digits
+    from mnistrec.segment import MAX_DIGITS, MAX_MARKS
+
+    started = time.perf_counter()
+    with pytest.raises(ImageError, match="too many separate marks to read as a number"):
+        split_digits(dotted_page())
+    assert time.perf_counter() - started < 10
+    # Just under the cap of marks: 20 × 14 dots of 4 px, spaced well apart, still answer (a reading or the digit cap).
+    page = np.full((300, 1000), 255, np.uint8)
+    for y in range(10, 290, 20):
+        for x in range(10, 990, 50):
+            page[y : y + 4, x : x + 4] = 0
+    assert 14 * 20 <= MAX_MARKS
+    started = time.perf_counter()
+    try:
+        assert 1 <= len(split_digits(page)) <= MAX_DIGITS
+    except ImageError as exc:
+        assert "too many separate marks" in str(exc)
+    assert time.perf_counter() - started < 10
+    # One long thin stroke would be cut into hundreds of "touching digits".
+    line = np.full((40, 1200), 255, np.uint8)
+    line[18:21, 10:1190] = 0
+    with pytest.raises(ImageError, match="too many separate marks"):
+        split_digits(line)
