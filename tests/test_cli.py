@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import run_cli
 from mnistrec.cli import build_parser, main
 
-PICTURES = ("curves.png", "predictions.png", "confusion.png", "mistakes.png")
+PICTURES = ("curves.png", "predictions.png", "confusion.png", "mistakes.png", "reliability.png")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_evaluate_text_and_json_match_the_run(trained_run, data_dir, capsys):
     assert "digit  precision  recall" in text
 
 
-def test_plot_redraws_four_valid_pngs(trained_run, data_dir):
+def test_plot_redraws_five_valid_pngs(trained_run, data_dir):
     _, run, _ = trained_run
     for name in PICTURES:
         (run / name).unlink()
@@ -110,7 +110,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "plot", "models", "download"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "calibrate", "plot", "models", "download"])
 def test_help_explains_every_option(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

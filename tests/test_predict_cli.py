@@ -77,7 +77,7 @@ def test_bad_files_one_line_each_others_still_predicted(images, mlp_checkpoint, 
     assert [Path(r["path"]).name for r in lines] == ["a.png", "b.jpg"]
     for r in lines:
         # Exactly the shared schema, "path" first.
-        assert list(r) == ["path", "digit", "confidence", "probabilities", "top_k"]
+        assert list(r) == ["path", "digit", "confidence", "unsure", "probabilities", "top_k"]
         assert len(r["probabilities"]) == 10 and abs(sum(r["probabilities"]) - 1) < 1e-4
         assert r["digit"] == int(np.argmax(r["probabilities"])) == r["top_k"][0]["digit"]
         assert r["confidence"] == pytest.approx(max(r["probabilities"]))
@@ -138,8 +138,8 @@ def test_multi_number_with_touching_digits(mnist, mlp_checkpoint, tmp_path):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["number"] for r in rows] == ["372", "40"]
     for r in rows:
-        assert list(r) == ["path", "number", "digits"]
-        assert all(list(d) == ["digit", "confidence", "probabilities", "top_k"] for d in r["digits"])
+        assert list(r) == ["path", "number", "unsure", "digits"]
+        assert all(list(d) == ["digit", "confidence", "unsure", "probabilities", "top_k"] for d in r["digits"])
     assert sorted(p.name for p in out.iterdir()) == ["n372_0.png", "n372_1.png", "n372_2.png", "n40_0.png", "n40_1.png"]
     table = run_cli("predict", mlp_checkpoint, tmp_path / "n372.png", "--multi")
     assert table.stdout.splitlines()[1].split()[1] == "372"

@@ -70,7 +70,7 @@ def expected_for_file(model, data: bytes, top_k: int = 3) -> dict:
 
 
 def assert_prediction(body: dict, top_k: int = 3) -> None:
-    assert set(body) >= {"digit", "confidence", "probabilities", "top_k"}
+    assert set(body) >= {"digit", "confidence", "unsure", "probabilities", "top_k"}
     assert 0 <= body["digit"] <= 9 and len(body["probabilities"]) == 10
     assert abs(sum(body["probabilities"]) - 1) < 1e-4
     assert body["confidence"] == max(body["probabilities"]) == body["probabilities"][body["digit"]]
@@ -319,7 +319,7 @@ def test_v2_health_and_metadata(client):
     assert client.get("/v2").json()["name"] == "mnistrec"
     meta = client.get("/v2/models/mnistrec").json()
     assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28] and meta["inputs"][0]["datatype"] == "FP32"
-    assert {o["name"] for o in meta["outputs"]} == {"probabilities", "digit", "confidence"}
+    assert {o["name"] for o in meta["outputs"]} == {"probabilities", "digit", "confidence", "unsure"}
     assert client.get("/v2/models/mnistrec/ready").json() == {"name": "mnistrec", "ready": True}
     for route in ("/v2/models/other", "/v2/models/other/ready"):
         response = client.get(route)

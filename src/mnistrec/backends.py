@@ -12,6 +12,9 @@ model, anything else a PyTorch checkpoint):
 * ``onnx``: an exported ``.onnx`` file, or a ``.pth`` checkpoint, which is then
   exported in memory first (a few seconds with the ``torch.export`` exporter; export
   once with ``mnistrec export`` to start fast).
+
+Both return calibrated logits: a checkpoint's temperature (:mod:`mnistrec.calibration`)
+is applied by the torch backend and folded into the graph of an ONNX export.
 """
 
 from __future__ import annotations
@@ -72,8 +75,9 @@ def backend_for(loaded: LoadedModel, backend: str = "torch") -> Backend:
     if backend not in BACKENDS:
         raise MnistrecError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
     if backend == "torch":
-        return TorchBackend(loaded.model, loaded.model_name)
+        return TorchBackend(loaded.inference_model, loaded.model_name)
     from .export import export_metadata, onnx_model_proto  # onnx and its exporter: only for this backend
 
-    proto = onnx_model_proto(loaded.model, export_metadata(loaded.model_name, loaded.model_kwargs))
+    proto = onnx_model_proto(loaded.inference_model, export_metadata(loaded.model_name, loaded.model_kwargs,
+                                                                     temperature=loaded.temperature))
     return OnnxBackend.from_bytes(proto.SerializeToString(), str(loaded.path or "<memory>"))

@@ -22,10 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import calibrated, checkpoint_temperature
 from .errors import CheckpointError, MnistrecError, first_line
 from .fileio import atomic_write
 from .models import MNIST_MEAN, MNIST_STD, create_model, meta_model
 
+#: The model shipped inside the package (``make default-model`` writes it); commands use it when given no checkpoint.
+DEFAULT_MODEL = "default_model.pth"
 FORMAT = "mnistrec-checkpoint"
 FORMAT_VERSION = 1
 
@@ -39,6 +42,12 @@ class LoadedModel:
     model_kwargs: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    temperature: float = 1.0  # from meta["calibration"]; 1.0 = uncalibrated
+
+    @property
+    def inference_model(self) -> nn.Module:
+        """The model whose logits are divided by the checkpoint's temperature: use it for every probability shown."""
+        return calibrated(self.model, self.temperature)
 
 
 def library_versions() -> dict[str, str]:
@@ -52,6 +61,17 @@ def library_versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
+
+
+def default_checkpoint() -> Path:
+    """The path of the shipped default model (package data); a one-line error when this install has none."""
+    from importlib.resources import files
+
+    path = Path(str(files("mnistrec") / DEFAULT_MODEL))
+    if not path.is_file():
+        raise CheckpointError(f"this installation has no default model ({path} is missing; `make default-model` "
+                              "writes it): pass a checkpoint with --checkpoint FILE")
+    return path
 
 
 def checkpoint_dict(model_name: str, model_kwargs: dict[str, Any], model: nn.Module, **meta: Any) -> dict[str, Any]:
@@ -191,4 +211,19 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{path}: {exc}") from None
-    return LoadedModel(model, name, kwargs, meta, path)
+    return LoadedModel(model, name, kwargs, meta, path, checkpoint_temperature(meta, str(path)))
+
+
+def with_calibration(path: str | os.PathLike, record: dict[str, Any], out: str | os.PathLike) -> None:
+    """Write checkpoint ``path`` to ``out`` (may be the same file, replaced atomically) with ``record`` as its calibration.
+
+    A seed-style bare ``state_dict`` becomes a full mnistrec checkpoint of the ``mlp``
+    model, since a bare one has nowhere to keep a temperature.
+    """
+    obj = read_checkpoint(path)
+    if obj.get("format") != FORMAT:
+        loaded = load_checkpoint(path)
+        obj = checkpoint_dict(loaded.model_name, loaded.model_kwargs, loaded.model, converted_from="bare-state-dict")
+    obj = {**obj, "calibration": record}
+    checkpoint_temperature(obj, str(out))
+    atomic_write(out, lambda fh: torch.save(obj, fh))

@@ -28,6 +28,29 @@ def _add_backend(parser: argparse.ArgumentParser, onnx_files: bool = True) -> No
                         help=f"inference engine: PyTorch (default), or onnxruntime ({what})")
 
 
+#: A first positional argument with one of these endings is a checkpoint (the form before the shipped default model).
+MODEL_SUFFIXES = (".pth", ".pt", ".onnx")
+
+
+def _add_checkpoint(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    """``-c/--checkpoint FILE`` and, for the older form, an optional positional checkpoint."""
+    what = "a .pth checkpoint (ours, or a seed-style bare state_dict), or an exported .onnx with --backend onnx"
+    if positional:
+        parser.add_argument("checkpoint", nargs="?", help=f"{what} (default: the shipped model)")
+    parser.add_argument("-c", "--checkpoint", dest="checkpoint_opt", metavar="FILE",
+                        help=f"{what} (default: the model shipped with mnistrec)")
+
+
+def _checkpoint(args: argparse.Namespace) -> tuple[Path, bool]:
+    """``(path, is_default)``: the checkpoint named by ``-c``, positionally, or else the shipped default model."""
+    from .checkpoint import default_checkpoint
+
+    named = [c for c in (getattr(args, "checkpoint", None), args.checkpoint_opt) if c]
+    if len(named) > 1:
+        raise MnistrecError("give the checkpoint once: either positionally or with --checkpoint")
+    return (Path(named[0]), False) if named else (default_checkpoint(), True)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -142,12 +165,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="test-set loss, accuracy, per-class precision/recall, confusion matrix")
-    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict), or an exported .onnx with --backend onnx")
+    p = sub.add_parser("evaluate", help="test-set loss, accuracy, calibration (ECE, NLL), per-class precision/recall, "
+                       "confusion matrix")
+    _add_checkpoint(p)
     _add_data_dir(p)
     _add_backend(p)
     p.add_argument("--batch-size", type=_positive_int, default=1000, help="images per forward pass (default: 1000)")
-    p.add_argument("--json", action="store_true", help="print one JSON object; `accuracy` is a fraction in [0, 1]")
+    p.add_argument("--json", action="store_true", help="print one JSON object; `accuracy` and `ece` (15 bins) are "
+                   "fractions in [0, 1], `nll` in nats")
     p.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
@@ -158,16 +183,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_split
     from .evaluate import evaluate, format_report
 
-    backend = load_backend(args.checkpoint, args.backend)
+    checkpoint, _ = _checkpoint(args)
+    backend = load_backend(checkpoint, args.backend)
     images, labels = load_split("test", args.data_dir)
     if args.limit_test:
         images, labels = images[: args.limit_test], labels[: args.limit_test]
     metrics = evaluate(backend, images, labels, args.batch_size, progress=_progress(args))
     if args.json:
-        print(json.dumps({"checkpoint": str(args.checkpoint), "model": backend.model_name, "backend": backend.name, **metrics}))
+        print(json.dumps({"checkpoint": str(checkpoint), "model": backend.model_name, "backend": backend.name, **metrics}))
     else:
-        print(f"{args.checkpoint} ({backend.model_name}, {backend.name} backend) on {len(labels)} test images")
+        print(f"{checkpoint} ({backend.model_name}, {backend.name} backend) on {len(labels)} test images")
         print(format_report(metrics))
+    return 0
+
+
+def add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit a checkpoint's temperature on held-out training images (never the test set)",
+                       description="Temperature scaling: fit T so that softmax(logits / T) has the least NLL on held-out "
+                                   "training images, and store it in the checkpoint; every command then shows calibrated "
+                                   "probabilities. By default the checkpoint's own validation split is used (it was "
+                                   "trained with --val-size). See docs/calibration.md.")
+    p.add_argument("checkpoint", help="a .pth checkpoint")
+    p.add_argument("-o", "--out", metavar="OUT", help="write the calibrated checkpoint here (default: replace CHECKPOINT)")
+    _add_data_dir(p)
+    p.add_argument("--val-size", type=_positive_int, help="held-out training images to fit on (default: the checkpoint's "
+                   "own --val-size)")
+    p.add_argument("--split-seed", type=int, help="seed of the held-out split (default: the checkpoint's, 0)")
+    p.add_argument("--from", dest="source", metavar="CKPT", help="copy the temperature of CKPT, a calibrated model of "
+                   "the same recipe trained with --val-size (for models trained on all 60,000 images)")
+    p.add_argument("--allow-seen", action="store_true", help="fit on images the model was trained on (biased: "
+                   "over-confident on new images)")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate_checkpoint, describe
+
+    record = calibrate_checkpoint(args.checkpoint, args.out, args.data_dir, args.val_size, args.split_seed,
+                                  args.allow_seen, args.source)
+    print(f"{args.out or args.checkpoint}: {describe(record)}")
     return 0
 
 
@@ -234,10 +288,12 @@ def add_export_parser(sub) -> None:
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (checked against PyTorch)",
                        description="Export a checkpoint. The exported model takes float32 [N, 1, 28, 28] pixels in [0, 1] "
-                                   "(ink = 1) and returns [N, 10] logits; the MNIST normalisation is inside it.")
-    p.add_argument("checkpoint", help="a .pth checkpoint")
+                                   "(ink = 1) and returns [N, 10] calibrated logits; the MNIST normalisation and the "
+                                   "checkpoint's temperature are inside it.")
+    _add_checkpoint(p)
     p.add_argument("--format", choices=FORMATS, default="onnx", help="onnx (dynamic batch axis) or torchscript (default: onnx)")
-    p.add_argument("-o", "--out", metavar="OUT", help="output file (default: the checkpoint name with .onnx or .pt)")
+    p.add_argument("-o", "--out", metavar="OUT", help="output file (default: the checkpoint name with .onnx or .pt; "
+                   "for the shipped model mnistrec-default.onnx/.pt in the current folder)")
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default: {OPSET})")
     p.set_defaults(func=cmd_export)
 
@@ -245,7 +301,11 @@ def add_export_parser(sub) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.format, args.out, args.opset)
+    from .export import SUFFIXES
+
+    checkpoint, is_default = _checkpoint(args)
+    out = args.out or (Path("mnistrec-default").with_suffix(SUFFIXES[args.format]) if is_default else None)
+    out = export_checkpoint(checkpoint, args.format, out, args.opset)
     print(f"{args.format} model written to {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return 0
 
@@ -257,7 +317,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="the web app (draw a digit) and the HTTP API, on uvicorn",
                        description="Serve the drawing page at / and the HTTP API (/api, /v2, /docs) for one checkpoint.")
-    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict)")
+    _add_checkpoint(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
                    "0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -280,13 +340,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MnistrecError("--workers and --max-batch must be >= 1, --port in 1..65535, --max-request-mb > 0")
     settings = {"max_request_bytes": int(args.max_request_mb * 1024 * 1024), "max_batch_images": args.max_batch,
                 "model_name": args.model_name, "backend": args.backend}
-    app = create_app(args.checkpoint, **settings)  # fails here, with one line, on a bad checkpoint
-    print(f"mnistrec: serving {args.checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    checkpoint, _ = _checkpoint(args)
+    app = create_app(checkpoint, **settings)  # fails here, with one line, on a bad checkpoint
+    print(f"mnistrec: serving {checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     if args.workers == 1:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return 0
     # Several processes need an import string; each worker builds its own app from these variables.
-    os.environ.update({"MNISTREC_SERVE_CHECKPOINT": str(Path(args.checkpoint).resolve()),
+    os.environ.update({"MNISTREC_SERVE_CHECKPOINT": str(checkpoint.resolve()),
                        "MNISTREC_SERVE_MAX_REQUEST_BYTES": str(settings["max_request_bytes"]),
                        "MNISTREC_SERVE_MAX_BATCH": str(args.max_batch), "MNISTREC_SERVE_MODEL_NAME": args.model_name,
                        "MNISTREC_SERVE_BACKEND": args.backend})
@@ -305,8 +366,9 @@ def add_predict_parser(sub) -> None:
                                    "Each image is preprocessed the way MNIST was made (see the README). A file that "
                                    "cannot be read gets one line on stderr; the others are still predicted; the exit "
                                    "code is 1 when some files failed, 2 when none could be predicted.")
-    p.add_argument("checkpoint", help="a .pth checkpoint (ours, or a seed-style bare state_dict), or an exported .onnx with --backend onnx")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (a first argument ending in "
+                   ".pth, .pt or .onnx is the checkpoint, as in `mnistrec predict CKPT IMAGE...`)")
+    _add_checkpoint(p, positional=False)
     p.add_argument("--top-k", type=int, default=3, metavar="K", help="how many most likely digits to list (default: 3)")
     p.add_argument("--json", action="store_true", help='print JSON Lines: {"path", "digit", "confidence", "probabilities", "top_k"}')
     p.add_argument("--recursive", "-r", action="store_true", help="also look for images in the sub-folders of folders")
@@ -334,7 +396,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise MnistrecError(f"--top-k must be at least 1, not {args.top_k}")
-    backend = load_backend(args.checkpoint, args.backend)
+    if args.checkpoint_opt is None and Path(args.paths[0]).suffix.lower() in MODEL_SUFFIXES:
+        args.checkpoint_opt, args.paths = args.paths[0], args.paths[1:]
+        if not args.paths:
+            raise MnistrecError(f"no image given after the checkpoint {args.checkpoint_opt}")
+    checkpoint, _ = _checkpoint(args)
+    backend = load_backend(checkpoint, args.backend)
     paths = expand_paths(args.paths, args.recursive)
     if not paths:
         raise MnistrecError(f"no image files found in {', '.join(args.paths)}" + ("" if args.recursive else " (try --recursive)"))
@@ -377,7 +444,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- entry point
 
-PARSERS = [add_train_parser, add_evaluate_parser, add_plot_parser, add_predict_parser, add_serve_parser,
+PARSERS = [add_train_parser, add_evaluate_parser, add_calibrate_parser, add_plot_parser, add_predict_parser, add_serve_parser,
            add_export_parser, add_models_parser, add_download_parser]
 
 

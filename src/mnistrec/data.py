@@ -269,6 +269,16 @@ def load_mnist(
     return MNIST(train_x, train_y, test_x, test_y, resolve_data_dir(data_dir))
 
 
+def validation_indices(count: int, val_size: int, split_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train_idx, val_idx)``: the held-out validation split of ``count`` training images.
+
+    A permutation seeded by ``split_seed`` alone (not the training seed), so every
+    run, ``mnistrec calibrate`` included, holds out the same images.
+    """
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(split_seed))
+    return order[val_size:], order[:val_size]
+
+
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """``uint8 [N, 28, 28]`` -> ``float32 [N, 1, 28, 28]`` in [0, 1]; models normalise inside."""
     return images.unsqueeze(1).float().div_(255.0)

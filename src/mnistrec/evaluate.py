@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibration import ECE_BINS, expected_calibration_error, nll
 from .data import to_float
 
 if TYPE_CHECKING:
@@ -51,7 +52,12 @@ def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_class
 
 
 def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
-    """Loss, accuracy (a fraction in [0, 1]), per-class precision/recall and the confusion matrix."""
+    """Loss, accuracy (a fraction in [0, 1]), calibration, per-class precision/recall and the confusion matrix.
+
+    ``ece`` is the expected calibration error over 15 equal-width confidence bins
+    and ``nll`` the mean negative log-likelihood (nats, in float64), both of
+    ``softmax(logits)``: pass calibrated logits to score the calibrated model.
+    """
     predictions = logits.argmax(1)
     cm = confusion_matrix(targets, predictions)
     true_pos = cm.diag().double()
@@ -64,6 +70,8 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> dict[str
         "accuracy": float((predictions == targets).double().mean()) if len(targets) else float("nan"),
         "count": int(len(targets)),
         "errors": int((predictions != targets).sum()),
+        "ece": expected_calibration_error(logits.double().softmax(1), targets, ECE_BINS),
+        "nll": nll(logits, targets),
         "precision": [round(float(v), 6) for v in precision],
         "recall": [round(float(v), 6) for v in recall],
         "confusion_matrix": cm.tolist(),
@@ -81,6 +89,7 @@ def format_report(metrics: dict[str, Any]) -> str:
     lines = [
         f"loss {metrics['loss']:.4f}   accuracy {100 * metrics['accuracy']:.2f}%   "
         f"({metrics['count'] - metrics['errors']}/{metrics['count']} correct)",
+        f"calibration: ECE {100 * metrics['ece']:.2f}% (15 bins)   NLL {metrics['nll']:.4f}",
         "",
         "digit  precision  recall",
     ]

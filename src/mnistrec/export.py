@@ -5,6 +5,11 @@ pixels in **[0, 1]** (ink = 1, background = 0, as in MNIST), and return ``[N, 10
 logits. The MNIST normalisation ``(x - 0.1307) / 0.3081`` is part of the exported
 graph, so a consumer only divides 8-bit pixels by 255; it must not normalise again.
 
+The logits are **calibrated**: a checkpoint's temperature ``T`` (:mod:`mnistrec.calibration`)
+is folded into the graph as one multiplication by ``1 / T``, so ``softmax`` of the
+output gives the same probabilities as ``mnistrec predict``. The metadata records
+``mnistrec.temperature`` (``1.0``: the checkpoint had no calibration).
+
 ONNX uses PyTorch's ``torch.export``-based exporter (``dynamo=True``, the default
 since PyTorch 2.9; it needs ``onnxscript``). The legacy TorchScript-based exporter
 also works offline and is ~10x faster to run, but it is deprecated and prints a
@@ -44,7 +49,8 @@ INPUT_DESCRIPTION = (
     "float32 [N, 1, 28, 28]: grey pixels in [0, 1] (8-bit value / 255), ink = 1, background = 0 as in MNIST; "
     "the MNIST normalisation is inside the graph, do not normalise again"
 )
-OUTPUT_DESCRIPTION = "float32 [N, 10]: logits for the digits 0-9 (softmax gives probabilities)"
+OUTPUT_DESCRIPTION = ("float32 [N, 10]: calibrated logits for the digits 0-9 (the checkpoint's temperature is inside "
+                      "the graph; softmax gives calibrated probabilities)")
 TOLERANCE = 1e-4
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -138,21 +144,22 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.Pat
     out = Path(out) if out else Path(checkpoint).with_suffix(SUFFIXES[fmt])
     if out.resolve() == Path(checkpoint).resolve():
         raise MnistrecError(f"refusing to overwrite the checkpoint {checkpoint} with its export; choose another -o")
-    meta = export_metadata(loaded.model_name, loaded.model_kwargs, source=Path(checkpoint).name,
+    model = loaded.inference_model  # logits / T: the temperature becomes part of the graph
+    meta = export_metadata(loaded.model_name, loaded.model_kwargs, source=Path(checkpoint).name, temperature=loaded.temperature,
                            **({"opset": str(opset)} if fmt == "onnx" else {}))
     samples = [_example_batch(8, 1), _example_batch(1, 2)]  # another batch size than the one exported with
     if fmt == "onnx":
-        data = onnx_model_proto(loaded.model, meta, opset).SerializeToString()
+        data = onnx_model_proto(model, meta, opset).SerializeToString()
         backend = OnnxBackend.from_bytes(data)
         for images in samples:
-            verify(loaded.model, backend.predict_logits, images)
+            verify(model, backend.predict_logits, images)
         atomic_write(out, lambda fh: fh.write(data))
     else:
-        _, data = torchscript_bytes(loaded.model, meta)
+        _, data = torchscript_bytes(model, meta)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             reloaded = torch.jit.load(io.BytesIO(data))  # verify what is written, not the object in memory
         for images in samples:
-            verify(loaded.model, lambda x: reloaded(x).detach(), images)
+            verify(model, lambda x: reloaded(x).detach(), images)
         atomic_write(out, lambda fh: fh.write(data))
     return out

@@ -92,13 +92,48 @@ def confident_mistakes(images: torch.Tensor, labels: torch.Tensor, probabilities
     return _save(fig, path)
 
 
+def reliability_diagram(curves: dict[str, torch.Tensor], labels: torch.Tensor, path: Path) -> Path:
+    """Reliability diagram: accuracy against confidence in 15 equal-width bins, one panel per logits in ``curves``.
+
+    ``curves`` maps a title (e.g. ``"uncalibrated (T = 1)"``) to ``[N, 10]`` logits.
+    Bars below the diagonal are over-confident bins, above it under-confident;
+    the lower strip counts the predictions per bin (log scale: on MNIST nearly
+    all of them are in the last bin).
+    """
+    from .calibration import ECE_BINS, expected_calibration_error, reliability_bins
+
+    fig, axes = plt.subplots(2, len(curves), figsize=(4.6 * len(curves), 5.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    width = 1 / ECE_BINS
+    for (title, logits), ax, ax_count in zip(curves.items(), axes[0], axes[1]):
+        probabilities = logits.double().softmax(1)
+        rows = reliability_bins(probabilities, labels)
+        centers = [(r["low"] + r["high"]) / 2 for r in rows]
+        accuracy = [r["accuracy"] if r["count"] else 0.0 for r in rows]
+        confidence = [r["confidence"] if r["count"] else 0.0 for r in rows]
+        ax.bar(centers, accuracy, width=width, edgecolor="black", color="tab:blue", label="accuracy")
+        ax.bar(centers, [c - a for a, c in zip(accuracy, confidence)], bottom=accuracy, width=width,
+               color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        ece = expected_calibration_error(probabilities, labels)
+        ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{title}\nECE {100 * ece:.2f}% ({ECE_BINS} bins)")
+        ax.legend(loc="upper left", fontsize=8)
+        ax_count.bar(centers, [max(r["count"], 0.5) for r in rows], width=width, color="tab:gray", log=True)
+        ax_count.set(xlabel="confidence (top-1 probability)", ylabel="count")
+    return _save(fig, path)
+
+
 def read_history(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as fh:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
 
 
 def plot_run(run_dir: str | Path, data_dir: str | Path | None = None, sample_count: int = 32) -> list[Path]:
-    """(Re)draw every picture of a run from its ``model.pth``, ``history.csv`` and the test set."""
+    """(Re)draw every picture of a run from its ``model.pth``, ``history.csv`` and the test set.
+
+    The reliability diagram (``reliability.png``) shows the test set with and without
+    the checkpoint's temperature; the temperature itself was fitted on validation images.
+    """
     from .checkpoint import load_checkpoint
     from .data import load_split
     from .errors import MnistrecError
@@ -113,7 +148,8 @@ def plot_run(run_dir: str | Path, data_dir: str | Path | None = None, sample_cou
     limit = (loaded.meta.get("config") or {}).get("limit_test")
     if limit:
         images, labels = images[:limit], labels[:limit]
-    logits = predict_logits(loaded.model, images)
+    raw = predict_logits(loaded.model, images)
+    logits = raw / loaded.temperature
     probabilities = logits.softmax(1)
     metrics = metrics_from_logits(logits, labels)
     return [
@@ -121,6 +157,9 @@ def plot_run(run_dir: str | Path, data_dir: str | Path | None = None, sample_cou
         prediction_grid(images[:sample_count], labels[:sample_count], logits[:sample_count].argmax(1), run_dir / "predictions.png"),
         confusion_heatmap(metrics["confusion_matrix"], run_dir / "confusion.png"),
         confident_mistakes(images, labels, probabilities, run_dir / "mistakes.png"),
+        reliability_diagram({"uncalibrated (T = 1)": raw, f"calibrated (T = {loaded.temperature:.3f})": logits}
+                            if loaded.temperature != 1.0 else {"uncalibrated (no temperature fitted)": raw},
+                            labels, run_dir / "reliability.png"),
     ]
 
 

@@ -1,8 +1,11 @@
 """Predictions on users' images: the result schema shared by the CLI and the HTTP API, batched inference, file lists.
 
-One prediction is ``{"digit", "confidence", "probabilities": [10 floats], "top_k":
+One prediction is ``{"digit", "confidence", "unsure", "probabilities": [10 floats], "top_k":
 [{"digit", "probability"}, ...]}``; the CLI puts ``"path"`` first. A number read
-with ``--multi`` is ``{"path", "number": "372", "digits": [<one prediction per digit>]}``.
+with ``--multi`` is ``{"path", "number": "372", "unsure", "digits": [<one prediction per digit>]}``.
+
+Probabilities are calibrated when the model is (``LoadedModel.inference_model``).
+``unsure`` is true when the calibrated confidence is below :data:`UNSURE_BELOW`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,18 @@ from .evaluate import predict_logits
 
 #: File name endings ``predict`` picks up inside folders (files named explicitly are always tried).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff"})
+#: Below this calibrated confidence a prediction is flagged "not sure" (chosen on the validation split: docs/calibration.md).
+UNSURE_BELOW = 0.80
 #: Files whose tensors are held in memory at once; also the inference batch.
 BATCH_FILES = 256
 
 
-def predict_tensors(model: nn.Module, x: torch.Tensor, top_k: int = 3, batch_size: int = 1000) -> list[dict[str, Any]]:
-    """One prediction dict per image of ``x`` (float ``[N, 1, 28, 28]`` in [0, 1], ink = 1), in batches."""
+def predict_tensors(model: nn.Module, x: torch.Tensor, top_k: int = 3, batch_size: int = 1000,
+                    unsure_below: float = UNSURE_BELOW) -> list[dict[str, Any]]:
+    """One prediction dict per image of ``x`` (float ``[N, 1, 28, 28]`` in [0, 1], ink = 1), in batches.
+
+    ``unsure`` is set when the top probability is below ``unsure_below``.
+    """
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or tuple(x.shape[1:]) != (1, 28, 28):
@@ -38,6 +47,7 @@ def predict_tensors(model: nn.Module, x: torch.Tensor, top_k: int = 3, batch_siz
         {
             "digit": int(digits[0]),
             "confidence": float(p[0]),
+            "unsure": bool(p[0] < unsure_below),
             "probabilities": [float(v) for v in row],
             "top_k": [{"digit": int(d), "probability": float(q)} for d, q in zip(digits, p)],
         }
@@ -47,7 +57,8 @@ def predict_tensors(model: nn.Module, x: torch.Tensor, top_k: int = 3, batch_siz
 
 def number_result(digits: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The ``--multi`` result for per-digit predictions given left to right."""
-    return {"number": "".join(str(d["digit"]) for d in digits), "digits": list(digits)}
+    return {"number": "".join(str(d["digit"]) for d in digits), "unsure": any(d["unsure"] for d in digits),
+            "digits": list(digits)}
 
 
 def expand_paths(paths: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:

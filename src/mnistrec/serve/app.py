@@ -72,8 +72,9 @@ class Prediction(BaseModel):
     """The schema of ``mnistrec predict --json`` (without ``path``)."""
 
     digit: int = Field(ge=0, le=9)
-    confidence: float = Field(description="probability of `digit`")
-    probabilities: list[float] = Field(description="probability of each digit 0..9")
+    confidence: float = Field(description="calibrated probability of `digit`")
+    unsure: bool = Field(description="true when `confidence` is below the 'not sure' threshold (see docs/calibration.md)")
+    probabilities: list[float] = Field(description="calibrated probability of each digit 0..9")
     top_k: list[TopK]
     image: list[list[float]] | None = Field(None, description="the 28x28 input the model saw, [0, 1], ink = 1 (with include_image=true)")
 
@@ -85,6 +86,7 @@ class BatchItem(BaseModel):
     filename: str | None = None
     digit: int | None = None
     confidence: float | None = None
+    unsure: bool | None = None
     probabilities: list[float] | None = None
     top_k: list[TopK] | None = None
     image: list[list[float]] | None = None
@@ -250,7 +252,8 @@ class Service:
         self.model = loaded.model
         # What runs the predictions: the PyTorch model, or onnxruntime on this checkpoint exported in memory.
         # The checkpoint is read once (by the caller); the onnx backend exports these same weights in memory.
-        self.runner = self.model if backend == "torch" else backend_for(loaded, backend)
+        # Both apply the checkpoint's temperature: every probability served is calibrated.
+        self.runner = loaded.inference_model if backend == "torch" else backend_for(loaded, backend)
         self.name = model_name
         self.max_pixels = max_pixels
         self.max_batch_images = max_batch_images
@@ -300,6 +303,7 @@ class Service:
             "layers": repr(self.model),
             "recipe": meta.get("recipe"),
             "metrics": meta.get("metrics"),
+            "calibration": meta.get("calibration"),
             "checkpoint": self.checkpoint,
             "versions": meta.get("versions"),
             "input": {"shape": [-1, 1, 28, 28], "dtype": "float32", "range": [0.0, 1.0], "ink": 1.0},

@@ -4,7 +4,9 @@ One input tensor, any name, holding raw pixels as the model sees them (no
 preprocessing): ``FP32`` or ``FP64`` in [0, 1] with ink = 1, or ``UINT8`` in
 0..255, of shape ``[N, 1, 28, 28]``, ``[N, 28, 28]`` or ``[N, 784]``; ``data``
 flat (row-major) or nested. Outputs: ``probabilities`` (FP32 ``[N, 10]``),
-``digit`` (INT64 ``[N]``) and ``confidence`` (FP32 ``[N]``); ask for a subset
+``digit`` (INT64 ``[N]``), ``confidence`` (FP32 ``[N]``) and ``unsure`` (BOOL
+``[N]``, confidence below the "not sure" threshold); probabilities are calibrated
+(the checkpoint's temperature is applied). Ask for a subset
 with ``outputs``. Errors carry the protocol's ``error`` field (and ``detail``).
 """
 
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
     from .app import Service
 
 SCALES = {"FP32": 1.0, "FP64": 1.0, "UINT8": 255.0}
-OUTPUTS = {"probabilities": "FP32", "digit": "INT64", "confidence": "FP32"}
+OUTPUTS = {"probabilities": "FP32", "digit": "INT64", "confidence": "FP32", "unsure": "BOOL"}
 
 
 class TensorMetadata(BaseModel):
@@ -72,7 +74,7 @@ class InferOutput(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[float] | list[int]
+    data: list[float] | list[int] | list[bool]
 
 
 class InferResponse(BaseModel):
@@ -146,7 +148,8 @@ def make_router(service: "Service", errors: dict) -> APIRouter:
             "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
             "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
                         {"name": "digit", "datatype": "INT64", "shape": [-1]},
-                        {"name": "confidence", "datatype": "FP32", "shape": [-1]}],
+                        {"name": "confidence", "datatype": "FP32", "shape": [-1]},
+                        {"name": "unsure", "datatype": "BOOL", "shape": [-1]}],
         }
 
     @router.get("/models/{name}/ready", response_model=ModelReady, responses=not_found)
@@ -171,6 +174,7 @@ def make_router(service: "Service", errors: dict) -> APIRouter:
             "probabilities": ([n, 10], [p for r in results for p in r["probabilities"]]),
             "digit": ([n], [int(r["digit"]) for r in results]),
             "confidence": ([n], [float(r["confidence"]) for r in results]),
+            "unsure": ([n], [bool(r["unsure"]) for r in results]),
         }
         outputs = [{"name": o, "datatype": OUTPUTS[o], "shape": columns[o][0], "data": columns[o][1]} for o in wanted]
         return {"model_name": service.name, "model_version": "1", "id": request.id, "outputs": outputs}

@@ -293,7 +293,11 @@ function showResult(result, label) {
   predictions += 1;
   document.body.dataset.predictions = String(predictions);
   digitEl.textContent = String(result.digit);
-  confidenceEl.textContent = `${(100 * result.confidence).toFixed(1)}% sure`;
+  // Below the calibrated-confidence threshold the server sets `unsure`: say so and name the two likeliest digits.
+  const [first, second] = result.top_k, pc = (t) => `${t.digit} (${(100 * t.probability).toFixed(0)}%)`;
+  confidenceEl.textContent = result.unsure && second ? `Not sure: ${pc(first)} or ${pc(second)}?`
+    : `${(100 * result.confidence).toFixed(1)}% sure`;
+  confidenceEl.classList.toggle("unsure", Boolean(result.unsure));
   statusEl.textContent = `Prediction for ${label}.`;
   result.probabilities.forEach((p, d) => {
     const li = barsEl.children[d];
