@@ -7,9 +7,16 @@ images are enough to prove that the code learns.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import re
+import select
+import struct
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +68,60 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **env: st
         [sys.executable, "-m", "mnistrec", *map(str, args)],
         cwd=cwd or REPO, env=cli_env(**env), capture_output=True, text=True, timeout=timeout,
     )
+
+
+BAR = re.compile(rb"epoch (\d+)/\d+:\s*\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
+
+
+def signal_inside_epoch(cmd: list[str], cwd: Path, env: dict[str, str], sig: int, epoch: int = 2,
+                        window: tuple[float, float] = (0.05, 0.6), columns: int = 1000,
+                        ) -> tuple[subprocess.CompletedProcess, tuple[int, int, int]]:
+    """Run a training command with its tqdm bar on a pseudo-terminal; send ``sig`` once the bar shows ``epoch``
+    within ``window`` (fractions of the epoch). Returns (the finished process, the (epoch, step, total) signalled at).
+
+    No sleep guesses the timing, and the child cannot outrun the reader: the bar is redrawn at every step
+    (``TQDM_MININTERVAL=0``, ``TQDM_MINITERS=1``) and is ``columns`` wide, so the pty's buffer (about 19 kB
+    on Linux) holds only a few dozen redraws; past that the child's writes block until this reader reads.
+    So when the signal is sent the child is at most a few dozen steps past the step the test saw, on a
+    fast machine (an epoch quicker than tqdm's default 0.1 s refresh) as on a loaded one (a slow reader).
+    """
+    master, slave = pty.openpty()
+    # A pty starts 0x0 and tqdm draws nothing into zero columns.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(**env, TQDM_MININTERVAL="0", TQDM_MINITERS="1"),
+                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    seen, signalled, deadline = b"", None, time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if not select.select([master], [], [], 0.2)[0]:
+                continue
+            try:
+                seen = (seen + os.read(master, 65536))[-4 * columns * 4:]
+            except OSError:  # the child closed the terminal
+                break
+            bars = BAR.findall(seen)
+            if bars and signalled is None:
+                at, step, total = map(int, bars[-1])
+                if at == epoch and window[0] * total <= step <= window[1] * total:
+                    proc.send_signal(sig)
+                    signalled = (at, step, total)
+                    break
+        # Keep draining the terminal so the child never blocks writing its last words.
+        while proc.poll() is None and time.monotonic() < deadline + 60:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    pass
+        stdout = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert signalled is not None, f"never saw epoch {epoch} in progress; last output: {seen[-300:]!r}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout.decode(), ""), signalled
 
 
 @pytest.fixture(scope="session")

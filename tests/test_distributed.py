@@ -26,13 +26,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from conftest import cli_env
+from conftest import cli_env, signal_inside_epoch
 from mnistrec.distributed import DistContext
 from mnistrec.errors import MnistrecError
 from mnistrec.train import make_config, train
@@ -65,9 +64,9 @@ OPTIONS = {"epochs": 3, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "limit
 FLAGS = [f"--{key.replace('_', '-')}={value}" for key, value in OPTIONS.items()]
 
 
-def torchrun(data_dir, *args: str, flags: list[str] = FLAGS) -> list[str]:
+def torchrun(data_dir, *args: str, flags: list[str] = FLAGS, quiet: bool = True) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "mnistrec", "train", *flags, "--data-dir", str(data_dir), "--no-plots", "--quiet", *args]
+            "-m", "mnistrec", "train", *flags, "--data-dir", str(data_dir), "--no-plots", *(["--quiet"] if quiet else []), *args]
 
 
 ENV = {"OMP_NUM_THREADS": "1"}  # torchrun's own default for several processes per machine
@@ -129,30 +128,27 @@ def test_two_gloo_processes_match_one_process(ddp_run, mnist):
 
 @pytest.mark.slow
 def test_interrupted_two_process_run_resumes_to_the_same_bits(tmp_path, data_dir):
-    """Ctrl-C after epoch 1, then `--resume` with 2 processes: every rank reads last.pth; the end result is identical."""
-    flags = [*FLAGS, "--limit-train=1280"]  # 20 steps per epoch: a short run suffices here
+    """Ctrl-C inside epoch 2, then `--resume` with 2 processes: every rank reads last.pth; the end result is identical.
+
+    The signal is sent when the ranks' progress bars show epoch 2 (signal_inside_epoch: the bars are redrawn at
+    every step on a pty whose small buffer keeps the ranks within a few steps of what the test has read), and
+    the run has 6 epochs, so torchrun's forwarding of the signal never races the end of the run."""
+    flags = [*FLAGS, "--limit-train=1280", "--epochs=6"]  # 20 steps per epoch: a short run suffices here
     reference = subprocess.run(torchrun(data_dir, "--out", str(tmp_path / "reference"), "--save", "", flags=flags),
                                cwd=tmp_path, env=cli_env(**ENV), capture_output=True, text=True, timeout=240)
     assert reference.returncode == 0, reference.stderr[-3000:]
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(torchrun(data_dir, "--out", str(run_dir), "--save", "", flags=flags), cwd=tmp_path,
-                             env=cli_env(**ENV), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while not (run_dir / "last.pth").exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        first.send_signal(signal.SIGINT)  # torchrun forwards it to both ranks
-        first.wait(timeout=60)
-    finally:
-        first.kill()
+    cmd = torchrun(data_dir, "--out", str(run_dir), "--save", "", flags=flags, quiet=False)
+    # torchrun forwards SIGINT to both ranks; 3,000 columns: each redraw is ~3 kB, so few fit in the pty buffer.
+    signal_inside_epoch(cmd, tmp_path, ENV, signal.SIGINT, epoch=2, window=(0.05, 0.5), columns=3000)
     interrupted_at = torch.load(run_dir / "last.pth", weights_only=True)["epoch"]
-    assert interrupted_at < OPTIONS["epochs"], "the run finished before it could be interrupted"
+    assert 1 <= interrupted_at < 6, "the run finished before it could be interrupted"
     assert not (run_dir / "model.pth").exists()
 
     resumed = subprocess.run(torchrun(data_dir, "--resume", str(run_dir), "--save", "", flags=flags), cwd=tmp_path,
                              env=cli_env(**ENV), capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming {run_dir} after epoch {interrupted_at}/3" in resumed.stdout
+    assert f"resuming {run_dir} after epoch {interrupted_at}/6" in resumed.stdout
     uninterrupted = weights(tmp_path / "reference")
     for key, tensor in weights(run_dir).items():
         assert torch.equal(tensor, uninterrupted[key]), key

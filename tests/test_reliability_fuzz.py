@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import random
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -43,20 +42,29 @@ def _assert_model_input(x: torch.Tensor) -> None:
     assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 @given(
     array=hnp.arrays(dtype=st.sampled_from(DTYPES).map(np.dtype),
                      shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=48)),
     invert=st.sampled_from(["auto", "yes", "no"]),
 )
-def test_preprocess_any_array_gives_a_model_input_or_an_image_error(array, invert):
-    COUNTS["preprocess arrays"] = COUNTS.get("preprocess arrays", 0) + 1
+def _preprocess_case(array, invert, tried: list[int]) -> None:
+    tried.append(1)
     try:
         x = preprocess(array, invert=invert)
     except ImageError as exc:
         assert "\n" not in str(exc) and str(exc)
         return
     _assert_model_input(x)
+
+
+def test_preprocess_any_array_gives_a_model_input_or_an_image_error():
+    """Hypothesis arrays of every dtype and shape (derandomized: the same cases on every run)."""
+    tried: list[int] = []
+    _preprocess_case(tried=tried)
+    COUNTS["preprocess arrays"] = len(tried)
+    print(f"\npreprocess fuzz: {len(tried)} arrays")
+    assert len(tried) >= 100  # counted by this test itself: it holds whatever ran before it
 
 
 @pytest.mark.parametrize("shape,dtype", [
@@ -110,7 +118,8 @@ def _corrupt(data: bytes, rng: random.Random) -> bytes:
 
 
 def test_corrupted_image_files_predict_or_raise_image_error(mnist, mlp_checkpoint):
-    """300 seeded corruptions of real PNG/JPEG/GIF/WebP/TIFF/BMP files (60 s at most)."""
+    """300 seeded corruptions of real PNG/JPEG/GIF/WebP/TIFF/BMP files: always the same 300 (no time budget,
+    so a slow machine runs the same cases as a fast one; each decode is bounded by the pixel caps)."""
     model = load_checkpoint(mlp_checkpoint).model
     originals = _encoded_digits(mnist)
     for fmt, data in originals:  # the intact files decode and predict
@@ -118,9 +127,8 @@ def test_corrupted_image_files_predict_or_raise_image_error(mnist, mlp_checkpoin
     rng = random.Random(8)
     outcomes = {"predicted": 0, "ImageError": 0}
     per_format: dict[str, int] = {}
-    deadline = time.monotonic() + 60
     cases = 0
-    while cases < 300 and time.monotonic() < deadline:
+    while cases < 300:
         fmt, data = originals[cases % len(originals)]
         bad = _corrupt(data, rng)
         cases += 1
@@ -137,7 +145,6 @@ def test_corrupted_image_files_predict_or_raise_image_error(mnist, mlp_checkpoin
         outcomes["predicted"] += 1
     COUNTS["corrupted image files"] = cases
     print(f"\nimage decoding fuzz: {cases} corrupted files ({per_format}); {outcomes}")
-    assert cases >= 100, "too few cases in the time budget"
     assert outcomes["ImageError"] > 0 and outcomes["predicted"] > 0  # both paths were exercised
 
 
@@ -186,9 +193,3 @@ def test_served_openapi_schema_never_gets_a_server_error(served):
     print(f"\nschemathesis: {len(operations)} operations, {COUNTS['schemathesis']} requests, status counts {dict(sorted(statuses.items()))}")
     assert not [code for code in statuses if code >= 500]
     assert any(400 <= code < 500 for code in statuses) and 200 in statuses  # both valid and invalid requests were sent
-
-
-def test_fuzz_case_counts_are_reported():
-    """Runs last in this module: the counts the README quotes."""
-    print(f"\nfuzz case counts: {COUNTS}")
-    assert COUNTS.get("preprocess arrays", 0) >= 100

@@ -5,27 +5,25 @@ run that was never interrupted (``torch.equal`` on every tensor).
 The training subprocess writes its tqdm bar to a pseudo-terminal; the test reads the bar
 to know that the process is inside epoch 2 (after epoch 1 was checkpointed) before it
 sends the signal, so no sleep has to guess the timing and no test hook is needed.
+The bar is redrawn at every step (``TQDM_MININTERVAL=0``, ``TQDM_MINITERS=1``) and is
+1,000 columns wide, so the terminal's buffer (about 19 kB on Linux) holds at most a
+few dozen redraws: the trainer cannot run more than that many steps ahead of what the
+test has read before its writes block. Neither a fast machine (an epoch faster than
+tqdm's default 0.1 s refresh) nor a loaded one (a slow reader) can make the signal
+land outside epoch 2.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import pty
-import re
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import cli_env, run_cli
+from conftest import run_cli, signal_inside_epoch
 
 # One thread: bit-exactness compares runs with the same thread count (a different
 # count changes the float summation order), and on a loaded 2-core machine one
@@ -33,7 +31,6 @@ from conftest import cli_env, run_cli
 ENV = {"OMP_NUM_THREADS": "1"}
 # ~190 steps per epoch on 1,500 images: long enough to stop inside an epoch, quick to run.
 SEED_OPTS = ["--epochs", "3", "--limit-train", "1500", "--limit-test", "100", "--batch-size", "8"]
-BAR = re.compile(rb"epoch (\d+)/\d+:\s*\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
 
 
 def _recipe_opts() -> list[str]:
@@ -66,44 +63,8 @@ def _assert_same_run(run_dir: Path, reference_dir: Path) -> None:
 
 def _signal_inside_epoch(run_dir: Path, opts: list[str], cwd: Path, sig: int, epoch: int = 2) -> tuple[subprocess.CompletedProcess, tuple[int, int, int]]:
     """Start ``mnistrec train``, send ``sig`` once its progress bar shows ``epoch`` 5-60% done."""
-    master, slave = pty.openpty()
-    # A pty starts 0x0 and tqdm draws nothing into zero columns.
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "mnistrec", "train", "--out", str(run_dir), "--no-plots", "--save", "", *opts],
-                            cwd=cwd, env=cli_env(**ENV), stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
-    os.close(slave)
-    seen, signalled, deadline = b"", None, time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if not select.select([master], [], [], 0.2)[0]:
-                continue
-            try:
-                seen = (seen + os.read(master, 65536))[-4096:]
-            except OSError:  # the child closed the terminal
-                break
-            bars = BAR.findall(seen)
-            if bars and signalled is None:
-                at, step, total = map(int, bars[-1])
-                if at == epoch and 0.05 * total <= step <= 0.6 * total:
-                    proc.send_signal(sig)
-                    signalled = (at, step, total)
-                    break
-        # Keep draining the terminal so the child never blocks writing its last words.
-        stdout = b""
-        while proc.poll() is None and time.monotonic() < deadline + 60:
-            if select.select([master], [], [], 0.2)[0]:
-                try:
-                    os.read(master, 65536)
-                except OSError:
-                    pass
-        stdout = proc.stdout.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
-    assert signalled is not None, f"never saw epoch {epoch} in progress; last output: {seen[-300:]!r}"
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout.decode(), ""), signalled
+    cmd = [sys.executable, "-m", "mnistrec", "train", "--out", str(run_dir), "--no-plots", "--save", "", *opts]
+    return signal_inside_epoch(cmd, cwd, ENV, sig, epoch)
 
 
 @pytest.fixture(scope="module", params=list(OPTION_SETS))
