@@ -12,7 +12,7 @@ with ``outputs``. Errors carry the protocol's ``error`` field (and ``detail``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter
 from fastapi import Path as PathParam
@@ -21,9 +21,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from .inputs import InputError, as_images, pixels_to_tensor
-
-if TYPE_CHECKING:
-    from .app import Service
+from .service import ERRORS, Service
 
 SCALES = {"FP32": 1.0, "FP64": 1.0, "UINT8": 255.0}
 OUTPUTS = {"probabilities": "FP32", "digit": "INT64", "confidence": "FP32", "unsure": "BOOL"}
@@ -111,7 +109,7 @@ def _input_tensor(tensor: InferInput, max_batch: int):
     return as_images(x.reshape(shape), what=f"input {tensor.name!r}")
 
 
-def make_router(service: "Service", errors: dict) -> APIRouter:
+def make_router(service: Service, errors: dict = ERRORS) -> APIRouter:
     """The ``/v2`` routes for ``service``; unknown model names get 404."""
     router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
     not_found = {404: {"model": errors[400]["model"], "description": "unknown model name"}}
