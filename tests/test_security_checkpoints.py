@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, cli_env
+
 from mnistrec.checkpoint import load_checkpoint, save_checkpoint
 from mnistrec.errors import CheckpointError, MnistrecError
 from mnistrec.models import MAX_PARAMETERS, Ensemble, create_model, meta_model
@@ -58,7 +58,7 @@ def crafted(source: Path, target: Path, **changes) -> Path:
 ])
 def test_crafted_model_kwargs_are_refused_in_one_line_with_bounded_memory(mlp_checkpoint, data_dir, tmp_path, changes, words):
     bad = crafted(mlp_checkpoint, tmp_path / "crafted.pth", **changes)
-    code, out, err, rss_kb = run_cli_measured("evaluate", bad, "--data-dir", data_dir, "--quiet", tmp_path=tmp_path)
+    code, _, err, rss_kb = run_cli_measured("evaluate", bad, "--data-dir", data_dir, "--quiet", tmp_path=tmp_path)
     assert code == 2, err
     assert err.startswith("mnistrec: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     for word in words:
@@ -75,7 +75,7 @@ def test_the_untouched_checkpoint_still_evaluates_in_the_same_harness(mlp_checkp
 
 
 def test_weights_of_the_wrong_shape_are_refused_before_the_model_is_built(mlp_checkpoint, tmp_path, monkeypatch):
-    import mnistrec.checkpoint as checkpoint
+    from mnistrec import checkpoint
 
     obj = torch.load(mlp_checkpoint, weights_only=True)
     obj["state_dict"]["layer_1.weight"] = torch.zeros(2, 784)

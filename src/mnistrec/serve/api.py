@@ -12,18 +12,17 @@ from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ..errors import MnistrecError
-from .inputs import InputError, decode_base64, image_to_tensor, pixels_to_tensor, validation_message
-from .service import ERRORS, Service
+from .inputs import InputError, decode_base64, image_to_tensor, pixels_to_tensor
+from .service import ERRORS, MAX_BATCH_LIMIT, Service
 
 IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream")
-# JSON bodies up to this size are parsed on the event loop: a hop to a worker thread costs more than the parse.
-INLINE_JSON_BYTES = 64 * 1024
+#: Longest base64 image accepted in JSON: a 64 MiB file (the body limit, 10 MiB by default, is usually lower).
+MAX_BASE64_CHARS = 64 * 1024 * 1024 * 4 // 3
 
 Invert = Literal["auto", "yes", "no"]
 
@@ -73,7 +72,7 @@ class PredictJSON(BaseModel):
 
     # Not nullable, and the schema's oneOf says "exactly one", so the OpenAPI document is as strict as the route.
     model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["image"]}, {"required": ["pixels"]}]})
-    image: str = Field(None, description="base64 of a PNG/JPEG/... file; a data: URL is accepted")
+    image: str = Field(None, max_length=MAX_BASE64_CHARS, description="base64 of a PNG/JPEG/... file; a data: URL is accepted")
     pixels: Pixels = Field(None, description="28x28 floats in [0, 1], ink = 1, fed to the model as is")
 
 
@@ -81,8 +80,10 @@ class BatchJSON(BaseModel):
     """Exactly one of ``images`` (base64 image files) or ``pixels`` (N x 28 x 28 model input)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["images"]}, {"required": ["pixels"]}]})
-    images: list[str] = Field(None, min_length=1, description="base64 image files")
-    pixels: list[Pixels] = Field(None, min_length=1, description="N x 28 x 28 floats in [0, 1], ink = 1")
+    images: list[Annotated[str, Field(max_length=MAX_BASE64_CHARS)]] = Field(
+        None, min_length=1, max_length=MAX_BATCH_LIMIT, description="base64 image files")
+    pixels: list[Pixels] = Field(None, min_length=1, max_length=MAX_BATCH_LIMIT,
+                                 description="N x 28 x 28 floats in [0, 1], ink = 1")
 
 
 class PredictOptions:
@@ -124,7 +125,7 @@ def body_doc(json_model: type[BaseModel], multipart_field: str, many: bool, max_
     }}}
 
 
-async def _read_sources(request: Request, many: bool, max_files: int) -> list[tuple[str | None, bytes | None, Any]]:
+async def _read_sources(request: Request, service: Service, many: bool, max_files: int) -> list[tuple[str | None, bytes | None, Any]]:
     """The images of a request as ``(filename, file bytes, pixels)`` triples (one of the last two set)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
@@ -143,15 +144,7 @@ async def _read_sources(request: Request, many: bool, max_files: int) -> list[tu
                 sources.append((None, value.encode(), None))
         return sources
     if content_type == "application/json":
-        body = await request.body()
-        model = BatchJSON if many else PredictJSON
-        try:
-            if len(body) <= INLINE_JSON_BYTES:
-                parsed = model.model_validate_json(body)
-            else:
-                parsed = await run_in_threadpool(model.model_validate_json, body)
-        except ValidationError as exc:
-            raise InputError(validation_message(exc)) from None
+        parsed = await service.parse_json(BatchJSON if many else PredictJSON, await request.body())
         images = parsed.images if many else ([parsed.image] if parsed.image is not None else None)
         pixels = parsed.pixels if many else ([parsed.pixels] if parsed.pixels is not None else None)
         if (images is None) == (pixels is None):
@@ -200,7 +193,7 @@ def make_router(service: Service) -> APIRouter:
         request: Request, options: PredictOptions = Depends()) -> dict[str, Any]:
         """Predict one digit: a multipart ``file``, an ``image/*`` body, or JSON ``{"image": base64}`` /
         ``{"pixels": 28x28 floats in [0, 1]}``. Returns the schema of ``mnistrec predict --json``."""
-        sources = await _read_sources(request, many=False, max_files=1)
+        sources = await _read_sources(request, service, many=False, max_files=1)
         if sources[0][2] is not None:  # 784 numbers: cheaper here than a thread hop
             x = _to_tensor(sources[0], service, options.invert)
         else:  # decoding and preprocessing an image file take milliseconds: off the event loop
@@ -213,7 +206,7 @@ def make_router(service: Service) -> APIRouter:
         request: Request, options: PredictOptions = Depends()) -> dict[str, Any]:
         """Predict several images (multipart ``files``, or JSON ``images`` / ``pixels``), at most the batch limit.
         An image that cannot be used gets an ``error`` in its place; the others are still predicted."""
-        sources = await _read_sources(request, many=True, max_files=service.max_batch_images)
+        sources = await _read_sources(request, service, many=True, max_files=service.max_batch_images)
         service.check_batch(len(sources))
         decoded = await service.decode(_decode_all, sources, service, options.invert)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]

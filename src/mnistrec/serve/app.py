@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Sequence
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -25,9 +26,10 @@ from fastapi_offline import FastAPIOffline
 from .. import __version__
 from ..checkpoint import load_checkpoint
 from . import api, v2
+from .hosts import TrustedHosts
 from .limits import BodySizeLimit
 from .pages import STATIC_DIR, add_pages
-from .service import ERRORS, Service, install_error_handlers
+from .service import DEFAULT_DECODE_MEMORY_BYTES, ERRORS, Service, install_error_handlers
 
 __all__ = ["DEFAULT_MAX_BATCH_IMAGES", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_REQUEST_BYTES", "STATIC_DIR", "Service",
            "create_app", "create_app_from_env"]
@@ -39,17 +41,23 @@ DEFAULT_MAX_BATCH_IMAGES = 64
 
 def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
-               batch_wait_ms: float = 1.0, model_name: str = "mnistrec", backend: str = "torch") -> FastAPI:
+               batch_wait_ms: float = 1.0, model_name: str = "mnistrec", backend: str = "torch",
+               allowed_hosts: Sequence[str] | None = None,
+               decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_BYTES) -> FastAPI:
     """Build the web app for one checkpoint (raises :class:`CheckpointError` if it cannot be loaded).
 
     ``max_request_bytes`` caps a request body (413), ``max_pixels`` an image's
     decoded size, ``max_batch_images`` the images per request; ``batch_wait_ms`` is
     how long the micro-batcher waits to group concurrent requests; ``backend``
     (``torch`` or ``onnx``) is the inference engine (see :mod:`mnistrec.backends`).
+    ``allowed_hosts`` are the ``Host`` header names answered (others get 400; ``None``
+    answers any, for in-process use: ``mnistrec serve`` always passes its list, see
+    :mod:`mnistrec.serve.hosts`); ``decode_memory_bytes`` bounds the memory of concurrent
+    image decodes (:func:`mnistrec.serve.service.decode_slots`).
     """
     checkpoint_path = Path(checkpoint_path)
     service = Service(load_checkpoint(checkpoint_path), checkpoint_path, max_pixels, max_batch_images,
-                      batch_wait_ms, model_name, backend)
+                      batch_wait_ms, model_name, backend, decode_memory_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -63,6 +71,8 @@ def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = D
     )
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    if allowed_hosts is not None:  # added last, so it runs first: a foreign Host is refused before any body is read
+        app.add_middleware(TrustedHosts, allowed=allowed_hosts)
     install_error_handlers(app)
     add_pages(app)
     app.include_router(api.make_router(service))
@@ -80,4 +90,5 @@ def create_app_from_env() -> FastAPI:
         max_batch_images=int(env.get("MNISTREC_SERVE_MAX_BATCH", DEFAULT_MAX_BATCH_IMAGES)),
         model_name=env.get("MNISTREC_SERVE_MODEL_NAME", "mnistrec"),
         backend=env.get("MNISTREC_SERVE_BACKEND", "torch"),
+        allowed_hosts=env["MNISTREC_SERVE_ALLOWED_HOSTS"].split(",") if "MNISTREC_SERVE_ALLOWED_HOSTS" in env else None,
     )

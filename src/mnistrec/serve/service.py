@@ -21,7 +21,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from .. import __version__
@@ -32,6 +32,28 @@ from ..models import count_parameters, flops_per_image
 from ..predict import predict_tensors
 from .batcher import MicroBatcher
 from .inputs import InputError, validation_message
+
+#: The most images a request may ever carry (the pydantic models' static limit; ``--max-batch`` is at most this).
+MAX_BATCH_LIMIT = 1024
+#: JSON bodies up to this size are parsed on the event loop: a hop to a worker thread costs more than the parse.
+INLINE_JSON_BYTES = 64 * 1024
+#: Memory the concurrent image decodes may use together (each counted at its worst case, see decode_slots).
+DEFAULT_DECODE_MEMORY_BYTES = 512 * 1024 * 1024
+#: Worst-case float working memory of one preprocessing, beside the decoded pixels: a few float32 planes of
+#: the 1024-px working size (mnistrec.imagefile.WORK_SIZE).
+_WORK_BYTES = 4 * 1024 * 1024 * 4
+
+
+def decode_slots(max_pixels: int, memory_bytes: int, cpus: int | None = None) -> int:
+    """How many images may be decoded at once: one per core, and no more than ``memory_bytes`` allows when
+    each decode is counted at its worst case (``max_pixels`` at 4 bytes each, plus the float work)."""
+    per_decode = 4 * max_pixels + _WORK_BYTES
+    return max(1, min(cpus or os.cpu_count() or 2, memory_bytes // per_decode))
+
+
+def json_values_limit(max_batch_images: int) -> int:
+    """The most JSON values (numbers, strings, ...) a request body may hold: every pixel of a full batch, plus slack."""
+    return max_batch_images * 784 + 1024
 
 
 class Error(BaseModel):
@@ -74,7 +96,8 @@ class Service:
     """The loaded model, its batcher, and the request-independent facts about it."""
 
     def __init__(self, loaded: LoadedModel, checkpoint_path: Path, max_pixels: int, max_batch_images: int,
-                 batch_wait_ms: float, model_name: str, backend: str = "torch") -> None:
+                 batch_wait_ms: float, model_name: str, backend: str = "torch",
+                 decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_BYTES) -> None:
         self.loaded = loaded
         self.model = loaded.model
         # What runs the predictions: the PyTorch model, or onnxruntime on this checkpoint exported in memory.
@@ -85,8 +108,11 @@ class Service:
         self.max_pixels = max_pixels
         self.max_batch_images = max_batch_images
         self.started = time.monotonic()
-        # Decoding and preprocessing are CPU-bound: more threads than cores only add memory and contention.
-        self.decode_limiter = anyio.CapacityLimiter(os.cpu_count() or 2)
+        # Decoding and preprocessing are CPU-bound: more threads than cores only add memory and contention;
+        # and a decode may hold 4 bytes per allowed pixel, so the memory budget can allow fewer still.
+        self.decode_limiter = anyio.CapacityLimiter(decode_slots(max_pixels, decode_memory_bytes))
+        self.max_json_values = json_values_limit(max_batch_images)
+        self.parse_json_bytes = _parse_json  # (model, body) -> parsed; runs in a worker thread for big bodies
         self.batcher = MicroBatcher(self._forward, max_batch=max(64, max_batch_images), max_wait_ms=batch_wait_ms)
         data = checkpoint_path.read_bytes()
         self.checkpoint = {"file": checkpoint_path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -113,6 +139,26 @@ class Service:
         """Run ``fn(*args)`` in a worker thread, at most one per core at a time."""
         return await anyio.to_thread.run_sync(partial(fn, *args), limiter=self.decode_limiter)
 
+    async def parse_json(self, model: type[BaseModel], body: bytes) -> BaseModel:
+        """Validate a JSON body against ``model``, with bounded memory and without blocking the event loop.
+
+        Parsing 10 MiB of JSON numbers takes ~200 MB and ~1 s whatever the model's
+        length limits say (pydantic validates every item before it counts them), so a
+        body holding more values than a full batch has (counted as commas, which
+        base64 never contains) is refused first; a body over ``INLINE_JSON_BYTES`` is
+        then parsed in a worker thread, within the decode limiter's memory budget.
+        """
+        values = body.count(b",") + 1
+        if values > self.max_json_values:
+            raise InputError(f"JSON body holds about {values:,} values, more than the {self.max_json_values:,} of a "
+                             f"full batch of {self.max_batch_images} images")
+        try:
+            if len(body) <= INLINE_JSON_BYTES:
+                return self.parse_json_bytes(model, body)
+            return await self.decode(self.parse_json_bytes, model, body)
+        except ValidationError as exc:
+            raise InputError(validation_message(exc)) from None
+
     def check_batch(self, count: int) -> None:
         """Refuse an empty batch or one over the limit (422)."""
         if count == 0:
@@ -138,3 +184,7 @@ class Service:
             "input": {"shape": [-1, 1, 28, 28], "dtype": "float32", "range": [0.0, 1.0], "ink": 1.0},
             "server": {"mnistrec": __version__, "max_batch_images": self.max_batch_images, "max_pixels": self.max_pixels},
         }
+
+
+def _parse_json(model: type[BaseModel], body: bytes) -> BaseModel:
+    return model.model_validate_json(body)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from .. import __version__
 from .inputs import InputError, as_images, pixels_to_tensor
-from .service import ERRORS, Service
+from .service import ERRORS, MAX_BATCH_LIMIT, Service
 
 SCALES = {"FP32": 1.0, "FP64": 1.0, "UINT8": 255.0}
 OUTPUTS = {"probabilities": "FP32", "digit": "INT64", "confidence": "FP32", "unsure": "BOOL"}
@@ -48,12 +48,13 @@ class ServerMetadata(BaseModel):
 
 
 class InferInput(BaseModel):
-    name: str
+    name: str = Field(max_length=256)
     shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=2, max_length=4,
                                                      description="[N, 1, 28, 28], [N, 28, 28] or [N, 784]")
     datatype: Literal["FP32", "FP64", "UINT8"] = Field(description="FP32 or FP64 in [0, 1] (ink = 1), or UINT8 in 0..255")
     parameters: dict[str, Any] | None = None
-    data: list[Any] = Field(min_length=1, description="the values, flat (row-major) or nested")
+    data: list[Any] = Field(min_length=1, max_length=MAX_BATCH_LIMIT * 784,
+                            description="the values, flat (row-major) or nested")
 
 
 class RequestedOutput(BaseModel):
@@ -62,10 +63,28 @@ class RequestedOutput(BaseModel):
 
 
 class InferRequest(BaseModel):
-    id: str | None = None
+    id: str | None = Field(None, max_length=256)
     parameters: dict[str, Any] | None = None
     inputs: list[InferInput] = Field(min_length=1, max_length=1)
-    outputs: list[RequestedOutput] | None = None
+    outputs: list[RequestedOutput] | None = Field(None, max_length=len(OUTPUTS))
+
+
+def _inline_refs(schema: Any, defs: dict[str, Any]) -> Any:
+    """``schema`` with every ``{"$ref": "#/$defs/X"}`` replaced by X itself (the models here are not recursive)."""
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inline_refs(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline_refs(v, defs) for k, v in schema.items() if k != "$defs"}
+    if isinstance(schema, list):
+        return [_inline_refs(v, defs) for v in schema]
+    return schema
+
+
+def _request_doc() -> dict[str, Any]:
+    """The OpenAPI request body of ``infer``, which reads its body itself (to bound and move the parsing)."""
+    schema = InferRequest.model_json_schema()
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _inline_refs(schema, schema.get("$defs", {}))}}}}
 
 
 class InferOutput(BaseModel):
@@ -157,10 +176,12 @@ def make_router(service: Service, errors: dict = ERRORS) -> APIRouter:
         return {"name": service.name, "ready": True}
 
     @router.post("/models/{name}/infer", response_model=InferResponse, response_model_exclude_none=True,
-                 responses={**errors, **not_found})
-    async def infer(request: InferRequest, name: str = name_param()) -> dict[str, Any]:
+                 responses={**errors, **not_found}, openapi_extra=_request_doc())
+    async def infer(http: Request, name: str = name_param()) -> dict[str, Any]:
         """Run the model on raw pixels (see the module docs for shapes and datatypes)."""
         check_name(name)
+        # Read and parse here, not as a FastAPI body parameter: FastAPI would parse any size on the event loop.
+        request = await service.parse_json(InferRequest, await http.body())
         wanted = [o.name for o in request.outputs] if request.outputs else list(OUTPUTS)
         unknown = [n for n in wanted if n not in OUTPUTS]
         if unknown:
