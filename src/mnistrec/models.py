@@ -35,8 +35,13 @@ class Normalize(nn.Module):
     def __init__(self, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> None:
         super().__init__()
         self.mean, self.std = float(mean), float(std)
+        # True while the training loop feeds data it normalised once, up front, with this module
+        # (see mnistrec.training.loop); never saved, and False everywhere else.
+        self.inputs_normalised = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inputs_normalised:
+            return x
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
