@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage as ndi
 
 from .errors import ImageError
 
@@ -16,16 +16,30 @@ BOX, FIELD, CENTRE = 20, 28, 14.0
 STROKE_MIN, STROKE_TARGET = 1.1, 1.8
 
 
+def _distance_to_zero(mask: np.ndarray) -> np.ndarray:
+    """Exact Euclidean distance of each True pixel to the nearest False one (as scipy's distance_transform_edt).
+
+    A mask with no False pixel has no distance to measure: it is padded with a
+    False border first (scipy would return distances to nothing).
+    """
+    if mask.all():
+        padded = np.pad(mask, 1)
+        return cv2.distanceTransform(padded.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    return cv2.distanceTransform(np.ascontiguousarray(mask).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+
 def _stroke_width(mask: np.ndarray) -> float:
     """Typical stroke width in pixels: 2 × mean distance-to-background on the ridge − 1 (1 for a 1-px line).
 
     Measured on a 3×3-median-smoothed mask (united with the mask) so that noise
     nibbling at the edges of a stroke does not make it look thin.
     """
+    mask = np.ascontiguousarray(mask)
     if min(mask.shape) >= 3:
-        mask = mask | ndi.median_filter(mask.astype(np.uint8), size=3).astype(bool)
-    edt = ndi.distance_transform_edt(mask)
-    ridge = mask & (edt >= ndi.maximum_filter(edt, size=3))
+        # cv2's 3×3 median and max replicate the border, as scipy's "reflect" does for a radius of 1.
+        mask = mask | cv2.medianBlur(mask.view(np.uint8), 3).view(bool)
+    edt = _distance_to_zero(mask)
+    ridge = mask & (edt >= cv2.dilate(edt, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE))
     return float(2 * edt[ridge].mean() - 1) if ridge.any() else 1.0
 
 
@@ -41,7 +55,7 @@ def _thicken(soft: np.ndarray, mask: np.ndarray, scale: float) -> np.ndarray:
     if width >= STROKE_MIN:
         return soft
     radius = (STROKE_TARGET - width) / (2 * scale)
-    outside = ndi.distance_transform_edt(~mask)
+    outside = _distance_to_zero(~mask)
     return np.maximum(soft, np.clip(radius + 1.0 - outside, 0.0, 1.0)).astype(np.float32)
 
 
@@ -67,7 +81,9 @@ def to_field(soft: np.ndarray, mask: np.ndarray) -> torch.Tensor:
         new_h, new_w = small.shape
     if small.sum() <= 0:
         raise ImageError("no ink found: the strokes vanished when scaled to 20 px")
-    cy, cx = ndi.center_of_mass(small)
+    total = float(small.sum())
+    cy = float(small.sum(1) @ np.arange(small.shape[0])) / total
+    cx = float(small.sum(0) @ np.arange(small.shape[1])) / total
     y0 = int(np.clip(round(CENTRE - cy), 0, FIELD - new_h))
     x0 = int(np.clip(round(CENTRE - cx), 0, FIELD - new_w))
     field = np.zeros((FIELD, FIELD), np.float32)

@@ -30,6 +30,8 @@ ACCEPTED_NAMES = "PNG, JPEG, BMP, GIF, WebP or TIFF"
 MAX_PIXELS = 50_000_000
 #: Images are reduced to at most this many pixels on their longer side before any float work (bounded memory).
 WORK_SIZE = 1024
+#: JPEG draft decoding (DCT scaling) keeps at least this many pixels on the longer side.
+DRAFT_SIZE = 3 * WORK_SIZE // 4
 #: Bytes per pixel of Pillow's in-memory modes: 1, L and P take one byte, 16-bit greyscale two, the rest
 #: (RGB included) four.
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
@@ -119,8 +121,9 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, 
 
     ``draft=True`` (the CLI and the API) drops detail that
     :func:`~mnistrec.preprocess.preprocess` would average away anyway: the JPEG
-    decoder works at 1/2, 1/4 or 1/8 scale, never below WORK_SIZE on the longer
-    side (a 12-Mpx phone photo decodes several times faster), and any picture
+    decoder works at 1/2, 1/4 or 1/8 scale, never below DRAFT_SIZE (3/4 of
+    WORK_SIZE) on the longer side, and decodes only the luma of a colour JPEG
+    (a 12-Mpx phone photo decodes several times faster); any picture
     at least twice WORK_SIZE is box-reduced by an integer factor right after
     decoding, before its EXIF rotation and conversions.
     """
@@ -133,9 +136,12 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, 
                 image = Image.open(fh, formats=ACCEPTED_FORMATS)
                 _check_header(image, max_pixels, 2**62)
                 if draft and image.format in ("JPEG", "MPO"):  # MPO: a phone's JPEG with extra pictures
-                    # Pillow keeps both sides >= the requested ones: ask for the size preprocess reduces to.
-                    factor = WORK_SIZE / max(image.size)
-                    image.draft(image.mode, (max(1, int(image.width * factor)), max(1, int(image.height * factor))))
+                    # Pillow keeps both sides >= the requested ones: ask for 3/4 of the working size (a 4032-px
+                    # photo decodes at 1/4 scale, 1008 px, not at 1/2), and for the luma plane alone (the JPEG's
+                    # own Y, the same weights as convert("L")): no colour conversion, a quarter of the bytes.
+                    factor = DRAFT_SIZE / max(image.size)
+                    image.draft("L" if image.mode == "RGB" else image.mode,
+                                (max(1, int(image.width * factor)), max(1, int(image.height * factor))))
                 _check_header(image, max_pixels, max_bytes)  # after draft: the size actually decoded
                 image.load()
         except ImageError:
@@ -173,6 +179,8 @@ def _pil_to_arrays(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         image, alpha = image.convert("L"), None
     else:
         has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+        if has_alpha and mode in ("RGBA", "LA") and (image.getchannel("A").getextrema() or (0,))[0] >= 253:
+            has_alpha = False  # opaque (a canvas export): to_grey would ignore an alpha >= 0.99 anyway
         if has_alpha:
             la = image.convert("RGBA").convert("LA")
             image, alpha = la.getchannel("L"), la.getchannel("A")
@@ -186,7 +194,9 @@ def _pil_to_arrays(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         alpha = alpha.resize(size, Image.Resampling.BOX) if alpha is not None else None
     grey = np.asarray(image, dtype=np.float32)
     if image.mode == "L":
-        grey = grey / 255.0
+        grey *= np.float32(1 / 255.0)  # already finite and in [0, 1]
+    else:
+        grey = np.clip(np.nan_to_num(grey), 0.0, 1.0)
     a = np.asarray(alpha, dtype=np.float32) / 255.0 if alpha is not None else None
     return grey, a
 
@@ -249,7 +259,6 @@ def to_grey(image: Image.Image | np.ndarray) -> np.ndarray:
         raise ImageError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
     if grey.size == 0:
         raise ImageError(f"image is {grey.shape[-1] if grey.ndim == 2 else 0}×{grey.shape[0]} pixels, nothing to read")
-    grey = np.clip(np.nan_to_num(grey.astype(np.float32)), 0.0, 1.0)
     if alpha is not None and float(alpha.min()) < 0.99:
         if float(alpha.max()) < 0.02:
             raise ImageError("no ink found: the image is fully transparent")
