@@ -252,7 +252,7 @@ def main() -> int:
     if args.child:
         Path(args.out).write_text(json.dumps(measure(args.child, False, args.strokes, args.pauses)))
         return 0
-    from soak_serve import quick_checkpoint, running_server
+    from serving import quick_checkpoint, running_server
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint or REPO / "mnist_model.pth")

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -41,42 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from mnistrec.data import load_split  # noqa: E402
-from machine import machine_info  # noqa: E402
-
-
-def machine() -> dict:
-    return {**machine_info(), "load_average_1m": os.getloadavg()[0]}
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process from /proc (Linux), in MiB."""
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used, from /proc (Linux)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def user_png(digit: np.ndarray) -> bytes:
-    """An MNIST digit as a drawing from the web page: dark ink on white, 140x140 PNG."""
-    page = Image.fromarray(255 - digit).resize((140, 140), Image.BILINEAR)
-    buffer = io.BytesIO()
-    page.save(buffer, "PNG")
-    return buffer.getvalue()
+from serving import cpu_seconds, machine, quick_checkpoint, rss_mb, running_server, user_png  # noqa: E402
 
 
 def reference_ms(checkpoint: Path, bodies: list, kind: str, repeats: int) -> list[float]:
@@ -192,9 +157,6 @@ def main() -> int:
     parser.add_argument("--requests", default="png,pixels", help="phases to run, comma-separated: png, pixels")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     args = parser.parse_args()
-    # soak_serve imports this module's helpers, so its own are imported here, once both modules exist.
-    from soak_serve import quick_checkpoint, running_server
-
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint or REPO / "mnist_model.pth")
         note = None

@@ -25,17 +25,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -46,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench_serve_load import free_port, machine, rss_mb, user_png  # noqa: E402
+from serving import machine, quick_checkpoint, rss_mb, running_server, user_png  # noqa: E402
 
 
 def bad_requests(png: bytes) -> list[tuple[str, str, dict, bytes | None, dict | None]]:
@@ -128,48 +124,6 @@ class Soak:
                             self.latencies.append((time.monotonic() - self.start, elapsed_ms))
                         else:
                             self.valid_failures.append(f"{name}: {status} {text[:120]}")
-
-
-@contextmanager
-def running_server(checkpoint: Path, log: Path, env: dict[str, str] | None = None,
-                   start_timeout: float = 120, args: list[str] | tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``mnistrec serve CHECKPOINT [ARGS]`` on a free 127.0.0.1 port, healthy before it is yielded, stopped after."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = env or {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "mnistrec", "serve", str(checkpoint), "--port", str(port), *args],
-                                  cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + start_timeout  # a loaded 2-core machine imports torch slowly
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"mnistrec serve exited with {server.returncode}: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mnistrec serve did not answer within {start_timeout:.0f} s")
-            time.sleep(0.3)
-        yield url, server
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
-def quick_checkpoint(out: Path, data_dir: str | None) -> Path:
-    """A 1-epoch seed MLP on 6,000 images: serving cost depends on the architecture, not on training."""
-    from mnistrec.data import load_mnist
-    from mnistrec.train import make_config, train
-
-    train(make_config("seed", epochs=1, limit_train=6000, limit_test=500), load_mnist(data_dir), out, progress=False, log=lambda _: None)
-    return out / "model.pth"
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
-"""MNIST as in-memory tensors: IDX parsing, checksums, download, decoded cache.
+"""MNIST as in-memory tensors: where the files are, loading and checking them, download, decoded cache.
 
 No torchvision: the four IDX files are tiny and their format is four lines of
-``struct``. Everything downstream works on whole tensors (``uint8 [N, 28, 28]``
+``struct`` (:mod:`mnistrec.idx`). Everything downstream works on whole tensors (``uint8 [N, 28, 28]``
 images, ``int64 [N]`` labels), so training slices batches instead of calling a
 per-sample ``Dataset``.
 """
@@ -11,9 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
-import math
 import os
-import struct
 import tempfile
 import urllib.error
 import urllib.request
@@ -25,27 +23,8 @@ import numpy as np
 import torch
 
 from .errors import DataError, MnistrecError
+from .idx import FILES, IMAGE_MAGIC, LABEL_MAGIC, IdxFile, check_sha256, expected_magic, parse_idx, read_bytes, read_idx_file
 
-IMAGE_MAGIC = 0x00000803
-LABEL_MAGIC = 0x00000801
-
-
-@dataclass(frozen=True)
-class IdxFile:
-    name: str  # base name without .gz
-    sha256: str  # of the decompressed bytes
-    size: int  # decompressed size in bytes
-
-
-FILES: dict[str, IdxFile] = {
-    f.name: f
-    for f in (
-        IdxFile("train-images-idx3-ubyte", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 47_040_016),
-        IdxFile("train-labels-idx1-ubyte", "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60_008),
-        IdxFile("t10k-images-idx3-ubyte", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 7_840_016),
-        IdxFile("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10_008),
-    )
-}
 SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -84,84 +63,6 @@ def _find(data_dir: Path, name: str) -> Path:
         f"{name}(.gz) not found in {data_dir}: run `mnistrec download --data-dir {data_dir}` "
         "or pass --data-dir / set MNIST_DATA_DIR"
     )
-
-
-def _read_bytes(path: Path, source: str | None = None) -> bytes:
-    """The file's bytes, unzipped when its name ends in ``.gz``; errors name ``source`` (default: the path)."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                return fh.read()
-        return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as exc:
-        # BadGzipFile is an OSError; a truncated gzip stream raises EOFError, damaged deflate data zlib.error.
-        what = "not a valid gzip file" if path.suffix == ".gz" and not isinstance(exc, FileNotFoundError) else "cannot read"
-        raise DataError(f"{source or path}: {what} ({exc})") from None
-
-
-def _expected_magic(name: str) -> int | None:
-    """The magic number a file must have, judged by its MNIST name (``None`` if unknown)."""
-    if "-images-" in name:
-        return IMAGE_MAGIC
-    if "-labels-" in name:
-        return LABEL_MAGIC
-    return None
-
-
-def parse_idx(raw: bytes, source: str = "<bytes>", expect: int | None = None) -> np.ndarray:
-    """Parse IDX bytes into a ``uint8`` array of shape ``[N]`` or ``[N, rows, cols]``.
-
-    Raises :class:`DataError` for a wrong magic number (or not the ``expect``-ed
-    one), a short header, or a count that disagrees with the payload length.
-    """
-    if len(raw) < 8:
-        raise DataError(f"{source}: truncated IDX header ({len(raw)} bytes)")
-    magic, count = struct.unpack(">II", raw[:8])
-    if expect is not None and magic != expect:
-        kind = "an image" if expect == IMAGE_MAGIC else "a label"
-        raise DataError(f"{source}: bad magic number 0x{magic:08x} (expected 0x{expect:08x} for {kind} file)")
-    if magic == LABEL_MAGIC:
-        header, shape = 8, (count,)
-    elif magic == IMAGE_MAGIC:
-        if len(raw) < 16:
-            raise DataError(f"{source}: truncated IDX image header ({len(raw)} bytes)")
-        rows, cols = struct.unpack(">II", raw[8:16])
-        header, shape = 16, (count, rows, cols)
-    else:
-        raise DataError(
-            f"{source}: bad magic number 0x{magic:08x} (expected 0x{IMAGE_MAGIC:08x} for images "
-            f"or 0x{LABEL_MAGIC:08x} for labels)"
-        )
-    expected = math.prod(shape)  # Python ints: a garbage header must not overflow
-    payload = len(raw) - header
-    if payload != expected:
-        kind = "truncated" if payload < expected else "has trailing bytes"
-        raise DataError(f"{source}: {kind}: header says {shape} = {expected} bytes, payload is {payload}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def read_idx_file(path: str | os.PathLike, verify: bool = True) -> np.ndarray:
-    """Read one IDX file (gzip or raw); verify its SHA-256 when it is a known MNIST file.
-
-    The structure is checked first, so a truncated or mislabelled file is named as
-    such; the checksum then catches any damage the structure cannot show.
-    """
-    path = Path(path)
-    raw = _read_bytes(path)
-    array = parse_idx(raw, str(path), _expected_magic(path.name))
-    known = FILES.get(path.name.removesuffix(".gz"))
-    if verify and known is not None:
-        _check_sha256(raw, known, str(path))
-    return array
-
-
-def _check_sha256(raw: bytes, known: IdxFile, source: str) -> None:
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != known.sha256:
-        raise DataError(
-            f"{source}: checksum mismatch (sha256 of the unpacked bytes is {digest[:16]}…, "
-            f"expected {known.sha256[:16]}…); the file is corrupt or not MNIST: delete it and download again"
-        )
 
 
 def _cache_key(paths: list[Path], verify: bool) -> str:
@@ -212,7 +113,7 @@ def load_split(
 
     # Structure and content first, checksums last: the message then says what is wrong
     # (truncated, 9,999 labels, label 12) rather than only that the bytes differ.
-    raw_images, raw_labels = _read_bytes(paths[0]), _read_bytes(paths[1])
+    raw_images, raw_labels = read_bytes(paths[0]), read_bytes(paths[1])
     images = parse_idx(raw_images, str(paths[0]), IMAGE_MAGIC)
     labels = parse_idx(raw_labels, str(paths[1]), LABEL_MAGIC)
     if images.shape[1:] != (28, 28):
@@ -223,7 +124,7 @@ def load_split(
         raise DataError(f"{paths[1]}: label {int(labels.max())} is outside 0-9")
     if verify:
         for path, raw in zip(paths, (raw_images, raw_labels)):
-            _check_sha256(raw, FILES[path.name.removesuffix(".gz")], str(path))
+            check_sha256(raw, FILES[path.name.removesuffix(".gz")], str(path))
 
     if cache is not None:
         _write_cache(cache, images, labels)
@@ -334,7 +235,7 @@ def _gunzip_verified(path: Path, info: IdxFile) -> bytes:
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"the response: not a valid gzip file ({exc})") from None
     raw = bytes(out)
-    parse_idx(raw, "the response", _expected_magic(info.name))
+    parse_idx(raw, "the response", expected_magic(info.name))
     if digest.hexdigest() != info.sha256:
         raise DataError("checksum mismatch: the mirror served different bytes")
     return raw
@@ -382,7 +283,7 @@ def download(
         reasons = []
         for mirror in mirrors:
             url = mirror.rstrip("/") + f"/{name}.gz"
-            # The ".gz" suffix makes _read_bytes unzip it; the dot prefix hides it from ls.
+            # The ".gz" suffix makes read_bytes unzip it; the dot prefix hides it from ls.
             try:
                 fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".part.gz")
             except OSError as exc:

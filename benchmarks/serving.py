@@ -1,0 +1,102 @@
+"""What the serving benchmarks share: a real ``mnistrec serve`` on loopback, a quick model, process probes.
+
+Used by ``bench_serve_load.py``, ``soak_serve.py``, ``bench_page_latency.py`` and the
+tests that start a real server (``tests/test_serve_browser.py``, ``tests/test_reliability_fuzz.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from machine import machine_info  # noqa: E402
+
+
+def machine() -> dict:
+    """The machine's details and its current load average."""
+    return {**machine_info(), "load_average_1m": os.getloadavg()[0]}
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process from /proc (Linux), in MiB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used, from /proc (Linux)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def user_png(digit: np.ndarray) -> bytes:
+    """An MNIST digit as a drawing from the web page: dark ink on white, 140x140 PNG."""
+    page = Image.fromarray(255 - digit).resize((140, 140), Image.BILINEAR)
+    buffer = io.BytesIO()
+    page.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@contextmanager
+def running_server(checkpoint: Path, log: Path, env: dict[str, str] | None = None,
+                   start_timeout: float = 120, args: list[str] | tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``mnistrec serve CHECKPOINT [ARGS]`` on a free 127.0.0.1 port, healthy before it is yielded, stopped after."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = env or {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mnistrec", "serve", str(checkpoint), "--port", str(port), *args],
+                                  cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + start_timeout  # a loaded 2-core machine imports torch slowly
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"mnistrec serve exited with {server.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mnistrec serve did not answer within {start_timeout:.0f} s")
+            time.sleep(0.3)
+        yield url, server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def quick_checkpoint(out: Path, data_dir: str | None) -> Path:
+    """A 1-epoch seed MLP on 6,000 images: serving cost depends on the architecture, not on training."""
+    from mnistrec.data import load_mnist
+    from mnistrec.train import make_config, train
+
+    train(make_config("seed", epochs=1, limit_train=6000, limit_test=500), load_mnist(data_dir), out, progress=False, log=lambda _: None)
+    return out / "model.pth"
