@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make run   - create .venv, install the pinned dependencies, train the seed recipe
-#   make test  - the same set-up plus the dev tools, then every test
+#   make test  - the same set-up plus the dev tools, then the linter and every test
 #
 # torch is installed first and pinned: pip then takes the CPU wheel that lies on
 # disk instead of resolving a multi-GB CUDA build for a looser requirement.
@@ -16,11 +16,12 @@ RECIPE   ?= seed
 
 export MNIST_DATA_DIR := $(abspath $(DATA_DIR))
 
-.PHONY: run test setup dev browser data benchmarks bench-recipes clean help
+.PHONY: run test lint setup dev browser data benchmarks bench-recipes clean help
 
 help:
 	@echo "make run    set up .venv and train the '$(RECIPE)' recipe on $(DATA_DIR)"
-	@echo "make test   set up .venv with the dev tools and run every test"
+	@echo "make test   set up .venv with the dev tools, run the linter and every test"
+	@echo "make lint   ruff check on the whole tree (rules in pyproject.toml)"
 	@echo "make benchmarks   run the benchmarks (minutes; writes benchmarks/results/*.json)"
 	@echo "make bench-recipes   accuracy vs time of every training recipe (tens of minutes)"
 
@@ -45,10 +46,13 @@ data: setup
 run: setup data
 	$(PY) -m mnistrec train --recipe $(RECIPE) --data-dir "$(DATA_DIR)" --out runs/$(RECIPE)
 
-test: dev browser
+test: dev browser lint
 	@# pytest exits 5 when it collected no test: that is a failure, never a pass.
 	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
 		if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+lint: dev
+	$(VENV)/bin/ruff check .
 
 # The browser end-to-end test drives Debian's Chromium (no browser download of Playwright's own).
 browser:

@@ -122,7 +122,7 @@ def test_corrupted_image_files_predict_or_raise_image_error(mnist, mlp_checkpoin
     so a slow machine runs the same cases as a fast one; each decode is bounded by the pixel caps)."""
     model = load_checkpoint(mlp_checkpoint).model
     originals = _encoded_digits(mnist)
-    for fmt, data in originals:  # the intact files decode and predict
+    for _fmt, data in originals:  # the intact files decode and predict
         assert predict_tensors(model, preprocess(open_image(data)).unsqueeze(0))[0]["digit"] in range(10)
     rng = random.Random(8)
     outcomes = {"predicted": 0, "ImageError": 0}
