@@ -143,21 +143,30 @@ def train(
             log("\ninterrupted before the first epoch finished; nothing to resume")
         raise
 
-    final_model = state.eval_model
-    if state.best.state_dict is not None:
-        final_model.load_state_dict(state.best.state_dict)
-    final_model.eval()
-    metrics = {}
-    if evaluate_test:
-        # Seed style, the last epoch's test pass already scored these very weights: do not pass over the test set twice.
-        metrics = run.last_test if state.best.state_dict is None and run.last_test is not None else \
-            evaluate(final_model, run.test_x, run.test_y, config.eval_batch_size, ctx.device)
+    final_model = _final_model(state)
+    metrics = _test_metrics(final_model, state, run) if evaluate_test else {}
     seconds = time.perf_counter() - start_time
     result = TrainResult(final_model, config, state.history, metrics, run_dir, seconds,
                          best_epoch=state.best.epoch or None, stopped_early=state.stopped_early)
     if run_dir and ctx.is_main:
         write_run(result, data)
     return result
+
+
+def _final_model(state: TrainingState) -> nn.Module:
+    """The weights the run keeps, in eval mode: the best validation epoch's when there was a split, else the last."""
+    final_model = state.eval_model
+    if state.best.state_dict is not None:
+        final_model.load_state_dict(state.best.state_dict)
+    return final_model.eval()
+
+
+def _test_metrics(final_model: nn.Module, state: TrainingState, run: _Run) -> dict[str, Any]:
+    """The test metrics of ``final_model``."""
+    # Seed style, the last epoch's test pass already scored these very weights: do not pass over the test set twice.
+    if state.best.state_dict is None and run.last_test is not None:
+        return run.last_test
+    return evaluate(final_model, run.test_x, run.test_y, state.config.eval_batch_size, run.ctx.device)
 
 
 def _start(config: TrainConfig, data: MNIST, ctx: distributed.DistContext, local_batch: int,
