@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from test_layout import import_graph
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 MAX_README_LINES = 250
@@ -72,11 +74,29 @@ def test_the_readme_is_a_front_door():
     assert len(lines) <= MAX_README_LINES, f"README has {len(lines)} lines; move details to a docs/ page"
 
 
+def ownership_table() -> list[tuple[str, str]]:
+    """``(layer, module path)`` rows of docs/architecture.md's "| layer | `module.py` | what it owns |" table."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    return re.findall(r"^\| (\w+) \| `([\w/]+\.py)` \|", text, re.M)
+
+
 def test_the_architecture_page_names_exactly_the_modules_that_exist():
     package = REPO / "src" / "mnistrec"
     modules = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
-    # The ownership table: "| layer | `module.py` | what it owns |", one row per module of src/mnistrec/.
-    table = re.findall(r"^\|[^|\n]+\| `([\w/]+\.py)` \|", (REPO / "docs" / "architecture.md").read_text(), re.M)
+    table = [module for _, module in ownership_table()]
     assert len(table) == len(set(table)), "a module is listed twice"
     assert sorted(modules - set(table)) == [], "modules missing from docs/architecture.md"
     assert sorted(set(table) - modules) == [], "docs/architecture.md names modules that do not exist"
+
+
+def test_imports_only_go_down_the_architecture_pages_layers():
+    rows = ownership_table()
+    layers = list(dict.fromkeys(layer for layer, _ in rows))  # in the page's order, lowest first
+    assert len(layers) >= 5
+    rank = {"mnistrec." + path.removesuffix(".py").removesuffix("/__init__").replace("/", "."): layers.index(layer)
+            for layer, path in rows}
+    rank["mnistrec"] = rank.pop("mnistrec.__init__")
+    upward = [f"{a} ({layers[rank[a]]}) imports {b} ({layers[rank[b]]})"
+              for a, targets in import_graph(REPO / "src", "mnistrec").items() for b in sorted(targets)
+              if rank[b] > rank[a]]
+    assert upward == [], "reorder docs/architecture.md's table or move the code"
