@@ -10,9 +10,16 @@ prediction on the plain digit:
 * ``preprocessed``: ``open_image`` + ``preprocess`` (what ``mnistrec predict`` does);
 * ``naive``: what a quick script does — ``Image.open(f).convert("L").resize((28, 28))`` / 255.
 
+With the model's calibrated probabilities it also reports the "not sure" flag
+(``mnistrec.predict.UNSURE_BELOW``): how many preprocessed predictions are
+flagged, and the accuracy of those that are not. ``--also CKPT`` (repeatable)
+scores more models on the same files (the comparison that chose the shipped model).
+
 Usage::
 
-    python benchmarks/bench_robustness.py --checkpoint runs/seed/model.pth [--count 1000]
+    python benchmarks/bench_robustness.py [--checkpoint CKPT] [--also CKPT ...] [--count 1000]
+
+(default checkpoint: the model shipped in the package)
 
 Writes ``benchmarks/results/robustness.json``.
 """
@@ -35,9 +42,10 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mnistrec.checkpoint import load_checkpoint  # noqa: E402
+from mnistrec.checkpoint import default_checkpoint, load_checkpoint  # noqa: E402
 from mnistrec.data import load_split, to_float  # noqa: E402
 from mnistrec.evaluate import predict_logits  # noqa: E402
+from mnistrec.predict import UNSURE_BELOW  # noqa: E402
 from mnistrec.preprocess import open_image, preprocess  # noqa: E402
 from machine import machine_info  # noqa: E402
 
@@ -214,7 +222,8 @@ def machine() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="runs/seed/model.pth", help="model trained by `mnistrec train`")
+    parser.add_argument("--checkpoint", default=None, help="model to score (default: the shipped model)")
+    parser.add_argument("--also", action="append", default=[], metavar="CKPT", help="more models scored on the same files")
     parser.add_argument("--data-dir", default=os.environ.get("MNIST_DATA_DIR"))
     parser.add_argument("--count", type=int, default=1000, help="MNIST test digits per transformation")
     parser.add_argument("--seed", type=int, default=0)
@@ -222,13 +231,18 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
+    args.checkpoint = args.checkpoint or str(default_checkpoint())
     loaded = load_checkpoint(args.checkpoint)
+    others = {path: load_checkpoint(path).inference_model for path in args.also}
+    other_correct = {path: [] for path in args.also}
     images, labels = load_split("test", args.data_dir)
     # Evenly spread over the test set, not just its first digits.
     index = torch.linspace(0, len(images) - 1, args.count).round().long()
     images, labels = images[index], labels[index]
     plain = to_float(images)
-    reference = predict_logits(loaded.model, plain).argmax(1)
+    model = loaded.inference_model  # calibrated probabilities, as mnistrec predict shows them
+    reference = predict_logits(model, plain).argmax(1)
+    sure_correct, sure_count, total = 0, 0, 0
     digits = plain[:, 0].numpy()
     rows, seconds_pre, seconds_naive = [], 0.0, 0.0
     for name, transform in TRANSFORMS.items():
@@ -241,8 +255,14 @@ def main() -> int:
         raw = torch.stack([naive(f) for f in files])
         t_naive = time.perf_counter() - started
         seconds_pre, seconds_naive = seconds_pre + t_pre, seconds_naive + t_naive
-        p_pre = predict_logits(loaded.model, pre).argmax(1)
-        p_raw = predict_logits(loaded.model, raw).argmax(1)
+        confidence, p_pre = predict_logits(model, pre).softmax(1).max(1)
+        p_raw = predict_logits(model, raw).argmax(1)
+        sure = confidence >= UNSURE_BELOW
+        if name != "mnist-as-is":
+            sure_correct += int((p_pre == labels)[sure].sum())
+            sure_count, total = sure_count + int(sure.sum()), total + len(files)
+            for path, other in others.items():
+                other_correct[path].append(predict_logits(other, pre).argmax(1) == labels)
         row = {
             "transformation": name,
             "count": len(files),
@@ -250,6 +270,8 @@ def main() -> int:
             "agreement_naive": round(float((p_raw == reference).double().mean()), 4),
             "accuracy_preprocessed": round(float((p_pre == labels).double().mean()), 4),
             "accuracy_naive": round(float((p_raw == labels).double().mean()), 4),
+            "unsure_preprocessed": round(float((~sure).double().mean()), 4),
+            "accuracy_sure_preprocessed": round(float((p_pre == labels)[sure].double().mean()), 4) if sure.any() else None,
             "ms_per_image_preprocessed": round(1000 * t_pre / len(files), 2),
             "ms_per_image_naive": round(1000 * t_naive / len(files), 2),
         }
@@ -259,6 +281,7 @@ def main() -> int:
     user_like = [r for r in rows if r["transformation"] != "mnist-as-is"]
     overall_pre = sum(r["agreement_preprocessed"] * r["count"] for r in user_like) / sum(r["count"] for r in user_like)
     overall_naive = sum(r["agreement_naive"] * r["count"] for r in user_like) / sum(r["count"] for r in user_like)
+    accuracy_pre = sum(r["accuracy_preprocessed"] * r["count"] for r in user_like) / sum(r["count"] for r in user_like)
     result = {
         "benchmark": "robustness",
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
@@ -271,11 +294,21 @@ def main() -> int:
         "target_agreement": 0.97,
         "overall_agreement_preprocessed": round(overall_pre, 4),
         "overall_agreement_naive": round(overall_naive, 4),
+        "overall_accuracy_preprocessed": round(accuracy_pre, 4),
+        "unsure_below": UNSURE_BELOW,
+        "temperature": loaded.temperature,
+        "overall_unsure_preprocessed": round(1 - sure_count / max(total, 1), 4),
+        "overall_accuracy_sure_preprocessed": round(sure_correct / max(sure_count, 1), 4),
+        "also": {path: round(float(torch.cat(hits).double().mean()), 4) for path, hits in other_correct.items()},
         "preprocessing_time_ratio_vs_naive": round(seconds_pre / max(seconds_naive, 1e-9), 1),
         "transformations": rows,
         "machine": machine(),
     }
-    print(f"overall (user-like rows): preprocessed {100 * overall_pre:.2f}%, naive {100 * overall_naive:.2f}%")
+    print(f"overall (user-like rows): preprocessed {100 * overall_pre:.2f}%, naive {100 * overall_naive:.2f}%; "
+          f"accuracy {100 * accuracy_pre:.2f}%; not sure {100 * result['overall_unsure_preprocessed']:.2f}%, "
+          f"accuracy when sure {100 * result['overall_accuracy_sure_preprocessed']:.2f}%")
+    for path, accuracy in result["also"].items():
+        print(f"  also {path}: accuracy (user-like rows, preprocessed) {100 * accuracy:.2f}%")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

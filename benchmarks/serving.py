@@ -61,14 +61,18 @@ def user_png(digit: np.ndarray) -> bytes:
 
 
 @contextmanager
-def running_server(checkpoint: Path, log: Path, env: dict[str, str] | None = None,
+def running_server(checkpoint: Path | None, log: Path, env: dict[str, str] | None = None,
                    start_timeout: float = 120, args: list[str] | tuple[str, ...] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``mnistrec serve CHECKPOINT [ARGS]`` on a free 127.0.0.1 port, healthy before it is yielded, stopped after."""
+    """``mnistrec serve CHECKPOINT [ARGS]`` on a free 127.0.0.1 port, healthy before it is yielded, stopped after.
+
+    ``checkpoint=None`` serves the model shipped in the package.
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = env or {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "mnistrec", "serve", str(checkpoint), "--port", str(port), *args],
+        server = subprocess.Popen([sys.executable, "-m", "mnistrec", "serve", *([str(checkpoint)] if checkpoint else []),
+                                   "--port", str(port), *args],
                                   cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + start_timeout  # a loaded 2-core machine imports torch slowly
