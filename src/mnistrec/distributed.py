@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -80,6 +81,18 @@ class DistContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def alone(self) -> "DistContext":
+        """This process by itself (rank 0 of 1) on the same device: for work that is split by task, not by data."""
+        return DistContext(device=self.device)
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's picklable ``obj`` on rank 0, in rank order; ``None`` on the other ranks, ``[obj]`` alone."""
+        if not self.enabled:
+            return [obj]
+        gathered: list[Any] | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
 
 
 def launched_by_torchrun() -> bool:

@@ -71,11 +71,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = make_config(args.recipe or "seed", **overrides)
     run_dir = Path(args.resume or args.out or Path("runs") / config.recipe)
     data = load_mnist(args.data_dir)
-    if not args.resume and (config.ensemble_size > 1 or final) and distributed.is_main_process():
+    # Every rank of a torchrun ensemble records the options: it resumes its own members from its own disk.
+    if not args.resume and (config.ensemble_size > 1 or final and distributed.is_main_process()):
         write_run_options(run_dir, config, final)
     if config.ensemble_size > 1:
-        ensemble = train_ensemble(config, data, run_dir, resume=bool(args.resume), progress=progress(args),
-                                  final=final)
+        try:  # under torchrun the ranks share the members out; rank 0 alone reports and copies
+            ensemble = train_ensemble(config, data, run_dir, resume=bool(args.resume), progress=progress(args),
+                                      final=final)
+        finally:
+            distributed.shutdown()
+        if ensemble is None:
+            return 0
         m = ensemble.metrics["ensemble"]
         print(f"Ensemble of {config.ensemble_size}: Test Loss: {m['loss']:.4f}, Test Acc: {100 * m['accuracy']:.2f}% "
               f"({m['count'] - m['errors']}/{m['count']}) in {ensemble.seconds:.1f}s")

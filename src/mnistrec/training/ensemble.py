@@ -4,6 +4,13 @@ Each member is a run directory ``RUN_DIR/memberI`` of its own (resumable on its
 own). After the last member the test set is evaluated once: every member
 alone, the averaged-softmax ensemble and, with ``tta``, the ensemble over
 shifted views of every image.
+
+Members are independent, so under torchrun (``--nproc_per_node K``, one node or
+several) the ranks split the members, not the data: rank ``r`` trains members
+``r, r + K, ...`` alone, each exactly as the sequential run would (same seed, same
+code, no DDP; same bits for the same thread count), in its own ``RUN_DIR/memberI``.
+Rank 0 gathers the weights over the process group, scores the ensemble and alone
+logs and writes the run. A rank resumes its members from its own directory.
 """
 
 from __future__ import annotations
@@ -18,9 +25,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import distributed
 from ..checkpoint import library_versions, save_checkpoint
 from ..data import MNIST, to_float
 from ..devices import resolve_device
+from ..models import create_model
 from ..fileio import atomic_write_text
 from .config import TrainConfig
 from .final import resume_or_train, train_final
@@ -38,6 +47,7 @@ class EnsembleResult:
     metrics: dict[str, Any]  # "ensemble" (and "ensemble_tta") test metrics
     run_dir: Path | None
     seconds: float
+    world_size: int = 1  # processes that trained the members (torchrun)
 
 
 def member_view_probabilities(models: list[nn.Module], images: torch.Tensor, tta: bool, batch_size: int = 1000,
@@ -72,7 +82,7 @@ def train_ensemble(
     progress: bool = True,
     log: Callable[[str], None] = print,
     final: bool = False,
-) -> EnsembleResult:
+) -> EnsembleResult | None:
     """Train ``ensemble_size`` members (seeds ``seed``, ``seed + 1``, …) and evaluate them together.
 
     Each member is an ordinary run in ``RUN_DIR/memberI`` (resumable on its
@@ -80,14 +90,26 @@ def train_ensemble(
     test set is evaluated once: every member alone, the averaged-softmax
     ensemble, and with ``tta`` the ensemble over shifted views. The validation
     split gets the same report so TTA can be judged without the test set.
+
+    Under torchrun the ranks share the members out (see the module's docstring);
+    rank 0 returns the result, the other ranks ``None``. The caller ends the
+    process group (:func:`mnistrec.distributed.shutdown`).
     """
     from ..models import Ensemble
 
     start_time = time.perf_counter()
     run_dir = Path(run_dir) if run_dir else None
-    device = resolve_device(config.device)
-    models, members = _train_members(config, data, run_dir, resume, progress, log, final)
-    metrics = _score_members(config, data, models, members, device, final)
+    ctx = distributed.setup(resolve_device(config.device))
+    if not ctx.is_main:  # rank 0 alone logs; every rank writes its own members' directories
+        log, progress = (lambda _: None), False
+    mine = _train_members(config, data, run_dir, resume, progress, log, final, ctx)
+    gathered = _gather_members(config, mine, ctx)
+    if gathered is None:
+        return None
+    if ctx.enabled:
+        log(f"gathered {len(gathered)} members from {ctx.world_size} processes")
+    models, members = [gathered[i][0] for i in sorted(gathered)], [gathered[i][1] for i in sorted(gathered)]
+    metrics = _score_members(config, data, models, members, ctx.device, final)
     _log_scores(members, metrics, log)
 
     ensemble = Ensemble(config.model, len(models), config.model_kwargs)
@@ -95,20 +117,22 @@ def train_ensemble(
         slot.load_state_dict(model.state_dict())
     ensemble.eval()
     seconds = time.perf_counter() - start_time
-    result = EnsembleResult(ensemble, config, members, metrics, run_dir, seconds)
+    result = EnsembleResult(ensemble, config, members, metrics, run_dir, seconds, ctx.world_size)
     if run_dir:
         _write_ensemble_run(result, data, final)
     return result
 
 
+_Members = dict[int, tuple[nn.Module, dict[str, Any]]]  # member index -> (model, report row)
+
+
 def _train_members(config: TrainConfig, data: MNIST, run_dir: Path | None, resume: bool, progress: bool,
-                   log: Callable[[str], None], final: bool) -> tuple[list[nn.Module], list[dict[str, Any]]]:
-    """Train (or, when resuming, reuse the finished) members; their models and one report row each."""
+                   log: Callable[[str], None], final: bool, ctx: distributed.DistContext) -> _Members:
+    """Train (or, when resuming, reuse the finished) members of this rank; their models and one report row each."""
     from ..checkpoint import load_checkpoint
 
-    models: list[nn.Module] = []
-    members: list[dict[str, Any]] = []
-    for i in range(config.ensemble_size):
+    mine: _Members = {}
+    for i in range(ctx.rank, config.ensemble_size, ctx.world_size):
         member_config = dataclasses.replace(config, seed=config.seed + i, ensemble_size=1, tta=False)
         member_dir = run_dir / f"member{i}" if run_dir else None
         log(f"ensemble member {i + 1}/{config.ensemble_size} (seed {member_config.seed})")
@@ -118,11 +142,32 @@ def _train_members(config: TrainConfig, data: MNIST, run_dir: Path | None, resum
             best_epoch, seconds = summary["best_epoch"], summary["seconds"]
         else:
             trainer = train_final if final else resume_or_train
-            result = trainer(member_config, data, member_dir, resume, progress, log, evaluate_test=False)
+            result = trainer(member_config, data, member_dir, resume, progress, log, evaluate_test=False, ddp=False)
             model, best_epoch, seconds = result.model, result.best_epoch, result.seconds
-        models.append(model.eval())
-        members.append({"member": i, "seed": member_config.seed, "best_epoch": best_epoch, "seconds": round(seconds, 3)})
-    return models, members
+        row = {"member": i, "seed": member_config.seed, "best_epoch": best_epoch, "seconds": round(seconds, 3),
+               "rank": ctx.rank}
+        mine[i] = (model.eval(), row)
+    return mine
+
+
+def _gather_members(config: TrainConfig, mine: _Members, ctx: distributed.DistContext) -> _Members | None:
+    """Every rank's members on rank 0 (weights sent as CPU tensors over the process group); ``None`` elsewhere."""
+    if not ctx.enabled:
+        return mine
+    sent = {i: ({k: v.detach().cpu() for k, v in model.state_dict().items()}, row) for i, (model, row) in mine.items()}
+    gathered = ctx.gather(sent)
+    if gathered is None:
+        return None
+    members: _Members = {}
+    for part in gathered:
+        for i, (state_dict, row) in part.items():
+            if i in mine:  # trained here: keep the model as it is
+                members[i] = mine[i]
+                continue
+            model = create_model(config.model, **config.model_kwargs).to(ctx.device)
+            model.load_state_dict(state_dict)
+            members[i] = (model.eval(), row)
+    return members
 
 
 def _score_members(config: TrainConfig, data: MNIST, models: list[nn.Module], members: list[dict[str, Any]],
@@ -174,6 +219,6 @@ def _write_ensemble_run(result: EnsembleResult, data: MNIST, final: bool) -> Non
     summary = {"recipe": config.recipe, "model": "ensemble", "config": config.to_dict(), "final": final,
                "members": members, "test": metrics["ensemble"], "test_tta": metrics.get("ensemble_tta"),
                "val_accuracy": metrics.get("ensemble_val"), "val_accuracy_tta": metrics.get("ensemble_tta_val"),
-               "seconds": round(result.seconds, 3), "versions": library_versions(),
+               "seconds": round(result.seconds, 3), "world_size": result.world_size, "versions": library_versions(),
                "data_checksums": data.checksums()}
     atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))

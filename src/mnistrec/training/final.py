@@ -16,10 +16,11 @@ from .state import TrainResult
 
 
 def resume_or_train(config: TrainConfig, data: MNIST, run_dir: Path | None, resume: bool, progress: bool,
-                    log: Callable[[str], None], evaluate_test: bool) -> TrainResult:
-    """Train, continuing from ``run_dir/last.pth`` when resuming and it exists."""
+                    log: Callable[[str], None], evaluate_test: bool, ddp: bool = True) -> TrainResult:
+    """Train, continuing from ``run_dir/last.pth`` when resuming and it exists (``ddp``: see :func:`train`)."""
     resumable = resume and run_dir is not None and (run_dir / "last.pth").is_file()
-    return train(config, data, run_dir, resume=resumable, progress=progress, log=log, evaluate_test=evaluate_test)
+    return train(config, data, run_dir, resume=resumable, progress=progress, log=log, evaluate_test=evaluate_test,
+                 ddp=ddp)
 
 
 def train_final(
@@ -30,6 +31,7 @@ def train_final(
     progress: bool = True,
     log: Callable[[str], None] = print,
     evaluate_test: bool = True,
+    ddp: bool = True,
 ) -> TrainResult:
     """``--final``: choose the epoch count on the validation split, then retrain on all training images.
 
@@ -46,10 +48,11 @@ def train_final(
         best_epoch = int(json.loads((selection_dir / "metrics.json").read_text())["best_epoch"])
     else:
         log("selection run: choosing the epoch count on the validation split")
-        best_epoch = resume_or_train(config, data, selection_dir, resume, progress, log, evaluate_test=False).best_epoch
+        best_epoch = resume_or_train(config, data, selection_dir, resume, progress, log, evaluate_test=False,
+                                     ddp=ddp).best_epoch
     final_config = dataclasses.replace(config, val_size=0, epochs=best_epoch, early_stop=0, epoch_test=False)
     log(f"final run: {best_epoch} epochs (the best validation epoch) on all {_train_count(data, config)} training images")
-    return resume_or_train(final_config, data, run_dir, resume, progress, log, evaluate_test)
+    return resume_or_train(final_config, data, run_dir, resume, progress, log, evaluate_test, ddp)
 
 
 def _train_count(data: MNIST, config: TrainConfig) -> int:

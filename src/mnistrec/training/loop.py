@@ -82,6 +82,7 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
     evaluate_test: bool = True,
+    ddp: bool = True,
 ) -> TrainResult:
     """Train ``config`` on ``data``; write checkpoints, metrics and history into ``run_dir``.
 
@@ -97,9 +98,13 @@ def train(
     ``config.batch_size`` is the *global* batch, each rank trains on its shard, and
     only rank 0 logs and writes files. Every rank evaluates the same full split with
     the same weights, so all ranks agree on the metrics without communicating.
+    With ``ddp=False`` this process trains alone even under torchrun (an ensemble
+    member: the ranks split the members, not the data) and writes its own run.
     """
     start_time = time.perf_counter()
     ctx = distributed.setup(resolve_device(config.device))
+    if not ddp:
+        ctx = ctx.alone()
     if config.threads:
         torch.set_num_threads(config.threads)
     local_batch = ctx.per_rank_batch(config.batch_size)  # a bad --batch-size fails before anything is written
