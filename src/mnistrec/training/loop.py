@@ -102,11 +102,7 @@ def train(
     member: the ranks split the members, not the data) and writes its own run.
     """
     start_time = time.perf_counter()
-    ctx = distributed.setup(resolve_device(config.device))
-    if not ddp:
-        ctx = ctx.alone()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    ctx = _process_context(config, ddp)
     local_batch = ctx.per_rank_batch(config.batch_size)  # a bad --batch-size fails before anything is written
     if not ctx.is_main:  # rank 0 alone logs and writes files; the others still read last.pth to resume
         log, progress = (lambda _: None), False
@@ -172,6 +168,14 @@ def _test_metrics(final_model: nn.Module, state: TrainingState, run: _Run) -> di
     if state.best.state_dict is None and run.last_test is not None:
         return run.last_test
     return evaluate(final_model, run.test_x, run.test_y, state.config.eval_batch_size, run.ctx.device)
+
+
+def _process_context(config: TrainConfig, ddp: bool) -> distributed.DistContext:
+    """Join torchrun's process group if there is one (DDP unless ``not ddp``: then alone); apply ``config.threads``."""
+    ctx = distributed.setup(resolve_device(config.device))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return ctx if ddp else ctx.alone()
 
 
 def _start(config: TrainConfig, data: MNIST, ctx: distributed.DistContext, local_batch: int,
