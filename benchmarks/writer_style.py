@@ -75,7 +75,7 @@ def digit_strokes(digit: int, rng: np.random.Generator, lean_deg: float = 25.0) 
     strokes = [s.copy() for s in base_strokes(digit)]
     # Smooth wobble: a random low-frequency displacement field, the same for all strokes of the digit.
     phase = rng.uniform(0, 2 * math.pi, size=(2, 2))
-    amp = rng.normal(0, 0.04, size=(2, 2))
+    amp = rng.normal(0, 0.05, size=(2, 2))
     aspect = rng.uniform(0.85, 1.1)
     lean = math.tan(math.radians(lean_deg + rng.normal(0, 3)))
     turn = math.radians(rng.normal(0, 3))
@@ -87,7 +87,8 @@ def digit_strokes(digit: int, rng: np.random.Generator, lean_deg: float = 25.0) 
         x = 0.5 + (x - 0.5) * aspect + (0.5 - y) * lean  # lean forward: the top moves right
         cx, cy = x - 0.5, y - 0.5
         x, y = 0.5 + cx * math.cos(turn) - cy * math.sin(turn), 0.5 + cx * math.sin(turn) + cy * math.cos(turn)
-        points = np.stack([x, y], 1) + rng.normal(0, 0.006, size=(len(x), 2))
+        # Each stroke lands a little off where the hand meant it, as separate pen strokes do.
+        points = np.stack([x, y], 1) + rng.normal(0, 0.025, size=2) + rng.normal(0, 0.006, size=(len(x), 2))
         out.append(points)
     return out
 
@@ -108,7 +109,7 @@ def render(strokes: list[Stroke], size: int = 128, pen: float = 0.11, margin: fl
 
 def sample(digit: int, rng: np.random.Generator) -> Image.Image:
     """One picture of ``digit`` in this writer's hand (pen width varies a little per sample)."""
-    return render(digit_strokes(digit, rng), pen=float(rng.uniform(0.09, 0.13)))
+    return render(digit_strokes(digit, rng), pen=float(rng.uniform(0.07, 0.14)))
 
 
 def write_folder(out: str | Path, per_digit: int, seed: int) -> Path:
