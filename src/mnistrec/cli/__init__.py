@@ -5,7 +5,7 @@ returning an exit code. User mistakes (:class:`MnistrecError`) print one line on
 stderr and exit 2; Ctrl-C exits 130. One module per group of commands:
 :mod:`~mnistrec.cli.train` (train, plot), :mod:`~mnistrec.cli.model` (evaluate,
 calibrate, export, models), :mod:`~mnistrec.cli.predict`, :mod:`~mnistrec.cli.serve`,
-:mod:`~mnistrec.cli.download`; shared options in :mod:`~mnistrec.cli.common`.
+:mod:`~mnistrec.cli.download`, :mod:`~mnistrec.cli.finetune`; shared options in :mod:`~mnistrec.cli.common`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from typing import Sequence
 
 from ..errors import MnistrecError
 from .download import add_download_parser
+from .finetune import add_finetune_parser
 from .model import add_calibrate_parser, add_evaluate_parser, add_export_parser, add_models_parser
 from .predict import add_predict_parser
 from .serve import add_serve_parser
 from .train import add_plot_parser, add_train_parser
 
 PARSERS = [add_train_parser, add_evaluate_parser, add_calibrate_parser, add_plot_parser, add_predict_parser, add_serve_parser,
-           add_export_parser, add_models_parser, add_download_parser]
+           add_export_parser, add_finetune_parser, add_models_parser, add_download_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
