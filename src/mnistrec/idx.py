@@ -24,6 +24,8 @@ LABEL_MAGIC = 0x00000801
 
 @dataclass(frozen=True)
 class IdxFile:
+    """One of the four MNIST files: its name and what its unpacked bytes must be."""
+
     name: str  # base name without .gz
     sha256: str  # of the decompressed bytes
     size: int  # decompressed size in bytes

@@ -8,7 +8,8 @@ import sys
 from .common import add_data_dir, progress
 
 
-def add_download_parser(sub) -> None:
+def add_download_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``mnistrec download`` and its options on ``sub``."""
     from ..data import MIRRORS
 
     p = sub.add_parser("download", help="download and verify the MNIST files")
@@ -21,6 +22,7 @@ def add_download_parser(sub) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
+    """Run ``mnistrec download`` with the parsed ``args``; returns the exit code."""
     from ..data import MIRRORS, download
 
     directory = download(args.data_dir, tuple(args.mirror or MIRRORS), timeout=args.timeout, progress=progress(args),

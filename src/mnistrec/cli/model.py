@@ -9,7 +9,8 @@ from pathlib import Path
 from .common import add_backend, add_checkpoint, add_data_dir, checkpoint_path, positive_int, progress
 
 
-def add_evaluate_parser(sub) -> None:
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``mnistrec evaluate`` and its options on ``sub``."""
     p = sub.add_parser("evaluate", help="test-set loss, accuracy, calibration (ECE, NLL), per-class precision/recall, "
                        "confusion matrix")
     add_checkpoint(p)
@@ -24,6 +25,7 @@ def add_evaluate_parser(sub) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Run ``mnistrec evaluate`` with the parsed ``args``; returns the exit code."""
     from ..backends import load_backend
     from ..data import load_split
     from ..evaluate import evaluate, format_report
@@ -42,7 +44,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_calibrate_parser(sub) -> None:
+def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``mnistrec calibrate`` and its options on ``sub``."""
     p = sub.add_parser("calibrate", help="fit a checkpoint's temperature on held-out training images (never the test set)",
                        description="Temperature scaling: fit T so that softmax(logits / T) has the least NLL on held-out "
                                    "training images, and store it in the checkpoint; every command then shows calibrated "
@@ -62,6 +65,7 @@ def add_calibrate_parser(sub) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Run ``mnistrec calibrate`` with the parsed ``args``; returns the exit code."""
     from ..calibrate import calibrate_checkpoint, describe
 
     record = calibrate_checkpoint(args.checkpoint, args.out, args.data_dir, args.val_size, args.split_seed,
@@ -70,7 +74,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_parser(sub) -> None:
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``mnistrec export`` and its options on ``sub``."""
     from ..export import FORMATS, OPSET
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (checked against PyTorch)",
@@ -86,6 +91,7 @@ def add_export_parser(sub) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """Run ``mnistrec export`` with the parsed ``args``; returns the exit code."""
     from ..export import export_checkpoint
 
     from ..export import SUFFIXES
@@ -97,13 +103,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_models_parser(sub) -> None:
+def add_models_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``mnistrec models`` and its options on ``sub``."""
     p = sub.add_parser("models", help="list the models with parameter counts and FLOPs per image")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_models)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """Run ``mnistrec models`` with the parsed ``args``; returns the exit code."""
     from ..models import describe_models
 
     rows = describe_models()

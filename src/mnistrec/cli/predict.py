@@ -11,7 +11,8 @@ from ..errors import MnistrecError
 from .common import MODEL_SUFFIXES, add_backend, add_checkpoint, checkpoint_path, progress
 
 
-def add_predict_parser(sub) -> None:
+def add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``mnistrec predict`` and its options on ``sub``."""
     p = sub.add_parser("predict", help="predict the digit (or number) in your own image files and folders",
                        description="Predict digits in image files (PNG, JPEG, BMP, GIF, WebP, TIFF) and folders. "
                                    "Each image is preprocessed the way MNIST was made (see the README). A file that "
@@ -40,6 +41,7 @@ def _format_prediction(result: dict) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Run ``mnistrec predict`` with the parsed ``args``; returns the exit code."""
     from tqdm import tqdm
 
     from ..backends import load_backend

@@ -10,7 +10,8 @@ from ..errors import MnistrecError
 from .common import add_backend, add_checkpoint, checkpoint_path
 
 
-def add_serve_parser(sub) -> None:
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``mnistrec serve`` and its options on ``sub``."""
     p = sub.add_parser("serve", help="the web app (draw a digit) and the HTTP API, on uvicorn",
                        description="Serve the drawing page at / and the HTTP API (/api, /v2, /docs) for one checkpoint.")
     add_checkpoint(p)
@@ -30,6 +31,7 @@ def add_serve_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Run ``mnistrec serve`` with the parsed ``args``; returns the exit code."""
     try:
         import uvicorn
 

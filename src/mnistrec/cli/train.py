@@ -8,7 +8,8 @@ from pathlib import Path
 from .common import add_data_dir, progress
 
 
-def add_train_parser(sub) -> None:
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``mnistrec train`` and its options on ``sub``."""
     from ..training import RECIPES, TrainConfig, recipe_names
 
     defaults = TrainConfig()
@@ -52,6 +53,7 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``mnistrec train`` with the parsed ``args``; returns the exit code."""
     from .. import distributed
     from ..data import load_mnist
     from ..plots import plot_run
@@ -109,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_plot_parser(sub) -> None:
+def add_plot_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``mnistrec plot`` and its options on ``sub``."""
     p = sub.add_parser("plot", help="(re)draw the pictures of a run directory")
     p.add_argument("run_dir", help="a run directory written by `mnistrec train`")
     add_data_dir(p)
@@ -117,6 +120,7 @@ def add_plot_parser(sub) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    """Run ``mnistrec plot`` with the parsed ``args``; returns the exit code."""
     from ..plots import plot_run
 
     for path in plot_run(args.run_dir, args.data_dir):

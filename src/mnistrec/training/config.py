@@ -78,6 +78,7 @@ RECIPES["ensemble"] = {**RECIPES["best"], "ensemble_size": 5, "tta": True}
 
 
 def recipe_names() -> list[str]:
+    """The names of the recipes, in the order they are listed."""
     return list(RECIPES)
 
 
