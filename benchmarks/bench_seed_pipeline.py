@@ -16,7 +16,10 @@ slices, the 784-512-256-10 MLP, ``torch.optim.Adam`` at its defaults, no per-ste
 set after every epoch and reports the training loss and accuracy, so a ratio of
 1.0 to the plain loop means those cost nothing beyond what we save elsewhere.
 The plain loop and ours alternate ``--repeats`` times (the machine's load moves
-between runs); each pair gives a ratio and the median ratio is reported.
+between runs); each pair gives a ratio and the median ratio is reported, with the ratio
+of the fastest runs (the least disturbed on a loaded machine) beside it. Ours is
+``result.seconds`` of ``mnistrec.training.train``, the ``seconds`` that ``mnistrec
+train`` writes to ``RUN_DIR/metrics.json``.
 
 Usage: ``python benchmarks/bench_seed_pipeline.py [--epochs 5] [--repeats 3] [--data-dir DIR]``
 (or ``make benchmarks``). Writes ``benchmarks/results/seed_pipeline.json``.
@@ -204,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     pair_ratios = [o["seconds"] / p["seconds"] for p, o in zip(plain_runs, our_runs)]
     ratio_plain = statistics.median(pair_ratios)
+    ratio_fastest = min(o["seconds"] for o in our_runs) / min(p["seconds"] for p in plain_runs)
     ours = {**our_runs[0], "seconds": statistics.median(o["seconds"] for o in our_runs),
             "runs_seconds": [o["seconds"] for o in our_runs]}
     plain = {**plain_runs[0], "seconds": statistics.median(p["seconds"] for p in plain_runs),
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         "meets_target": ratio <= TARGET_RATIO if ratio is not None else None,
         "ratio_ours_over_plain_loop": round(ratio_plain, 4),
         "ratios_ours_over_plain_loop_per_pair": [round(r, 4) for r in pair_ratios],
+        # On a loaded machine the fastest run of each is the least disturbed one: a second, robust estimate.
+        "ratio_ours_over_plain_loop_fastest": round(ratio_fastest, 4),
         "target_ratio_plain_loop": TARGET_RATIO_PLAIN,
         "meets_target_plain_loop": ratio_plain <= TARGET_RATIO_PLAIN,
         "machine": machine(),
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if ratio is not None:
         print(f"ratio ours / seed-style: {ratio:.3f} (target <= {TARGET_RATIO})")
     print(f"ratio ours / plain loop: {ratio_plain:.3f} (median of pairs {', '.join(f'{r:.3f}' for r in pair_ratios)}; "
-          f"target <= {TARGET_RATIO_PLAIN}) -> {out}")
+          f"target <= {TARGET_RATIO_PLAIN}; fastest run / fastest run {ratio_fastest:.3f}) -> {out}")
     return 0
 
 

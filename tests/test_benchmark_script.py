@@ -32,5 +32,7 @@ def test_seed_pipeline_benchmark_writes_its_json(tmp_path, data_dir):
     pairs = [o / p for p, o in zip(report["plain_loop"]["runs_seconds"], report["ours"]["runs_seconds"])]
     assert report["ratio_ours_over_plain_loop"] == pytest.approx(sum(pairs) / 2, abs=1e-4)
     assert report["target_ratio_plain_loop"] == 1.0
+    fastest = min(report["ours"]["runs_seconds"]) / min(report["plain_loop"]["runs_seconds"])
+    assert report["ratio_ours_over_plain_loop_fastest"] == round(fastest, 4)
     assert report["machine"]["cores"] >= 1 and report["machine"]["torch"] and report["machine"]["cpu"]
     assert "ratio ours / seed-style" in result.stdout and "ratio ours / plain loop" in result.stdout
