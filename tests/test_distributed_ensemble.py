@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import cli_env
@@ -60,6 +61,7 @@ def _files(root) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_sequential_ensemble_and_rank_0_alone_writes_it(tmp_path, data_dir):
     sequential = tmp_path / "sequential"
     sequential.mkdir()
