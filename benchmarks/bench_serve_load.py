@@ -13,6 +13,11 @@ achieved and the server's resident memory before and after each phase. The
 reference measured in the same run is the same work in-process with no HTTP,
 one image at a time: ``ratio_p50`` says what HTTP, queueing and batching add.
 
+Before the load phases, ``sequential`` sends single-image requests one after
+another on one keep-alive connection, PNG and pixels alternating (so both see
+the same machine load): ``png_over_pixels_p50`` is what a canvas PNG costs
+relative to 28x28 pixels (issue 15's bar: <= 1.5).
+
     python benchmarks/bench_serve_load.py [--checkpoint mnist_model.pth] [--clients 16] [--seconds 30]
 
 Without a checkpoint it trains the seed model for one epoch on 6,000 images
@@ -42,6 +47,13 @@ import torch  # noqa: E402
 
 from mnistrec.data import load_split  # noqa: E402
 from serving import cpu_seconds, machine, quick_checkpoint, rss_mb, running_server, user_png  # noqa: E402
+
+
+def model_name(checkpoint: Path) -> str:
+    """The registered model name the checkpoint holds (what the numbers depend on)."""
+    from mnistrec.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint).model_name
 
 
 def reference_ms(checkpoint: Path, bodies: list, kind: str, repeats: int) -> list[float]:
@@ -115,6 +127,25 @@ def percentiles(values: list[float]) -> dict:
             "mean_ms": round(statistics.fmean(values), 2), "max_ms": round(max(values), 2)}
 
 
+def sequential(url: str, bodies: dict, repeats: int) -> dict:
+    """Single-image requests one at a time on one connection, PNG and pixels alternating: latency of each, and ratio."""
+    times: dict[str, list[float]] = {"png": [], "pixels": []}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for i in range(repeats + 10):
+            for kind in ("png", "pixels"):
+                start = time.perf_counter()
+                response = http.post("/api/predict", content=bodies[kind][i % len(bodies[kind])],
+                                     headers={"content-type": CONTENT_TYPES[kind]})
+                response.raise_for_status()
+                if i >= 10:  # the first ten pairs warm up
+                    times[kind].append((time.perf_counter() - start) * 1000)
+    png, pixels = percentiles(times["png"]), percentiles(times["pixels"])
+    return {"what": "one client, one keep-alive connection, one image per request, PNG and pixels alternating",
+            "requests_each": repeats, "png": png, "pixels": pixels,
+            "png_over_pixels_p50": round(png["p50_ms"] / pixels["p50_ms"], 2),
+            "target_png_at_most_1.5x_pixels": png["p50_ms"] / pixels["p50_ms"] <= 1.5}
+
+
 REQUESTS = {"png": "POST /api/predict, image/png body: a 140x140 dark-on-white MNIST test digit (what the page sends)",
             "pixels": "POST /api/predict, JSON {\"pixels\": 28x28 floats}: no preprocessing"}
 
@@ -155,6 +186,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--max-requests", type=int, default=200_000, help="stop after this many requests, whatever the time")
     parser.add_argument("--requests", default="png,pixels", help="phases to run, comma-separated: png, pixels")
+    parser.add_argument("--sequential", type=int, default=300, help="single requests of each kind, one at a time (0: skip)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,8 +206,10 @@ def main() -> int:
         kinds = [k for k in args.requests.split(",") if k]
         references = {kind: reference_ms(checkpoint, bodies[kind], kind, 300) for kind in kinds}
 
-        phases = {}
+        phases, one_at_a_time = {}, None
         with running_server(checkpoint, Path(tmp) / "serve.log") as (url, server):
+            if args.sequential:
+                one_at_a_time = sequential(url, bodies, args.sequential)
             for kind in kinds:
                 for body in bodies[kind]:  # warm-up: first-call costs are not part of steady state
                     httpx.post(url + "/api/predict", content=body, headers={"content-type": CONTENT_TYPES[kind]}, timeout=30)
@@ -197,13 +231,14 @@ def main() -> int:
                             "the load generator runs on the same cores as the server"},
         "setup": {"clients": args.clients, "seconds_per_phase": args.seconds, "max_requests_per_phase": args.max_requests,
                   "server": "mnistrec serve --workers 1 (uvicorn), 127.0.0.1",
-                  "checkpoint": checkpoint.name, "checkpoint_note": note},
+                  "checkpoint": str(checkpoint), "model": model_name(checkpoint), "checkpoint_note": note},
+        "sequential": one_at_a_time,
         "phases": phases,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["phases"], indent=2))
+    print(json.dumps({"sequential": one_at_a_time, "phases": phases}, indent=2))
     print(f"written to {out}", file=sys.stderr)
     return 0
 
