@@ -49,9 +49,9 @@ from machine import machine_info  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
 
-# Recorded in the page, before app.js runs. `answerAfter(t)` resolves with the time of the first answer shown after
-# page time t with nothing pending; unless told to wait, with null at once when nothing is pending and no request
-# left after t.
+# Recorded in the page, before app.js runs. `answerAfter(t)` resolves with the time of the answer shown after page
+# time t with nothing pending (also when it came before the call); unless told to wait, with null at once when
+# nothing is pending and no request left after t; with -1 after 20 s without an answer.
 INIT_SCRIPT = """
 (() => {
   const log = window.__latency = {ups: [], moves: 0, lastMove: 0, answers: [], frames: []};
@@ -72,8 +72,12 @@ INIT_SCRIPT = """
   });
   window.__answerAfter = ([after, wait]) => new Promise((resolve) => {
     const asked = performance.getEntriesByType("resource").some((e) => e.name.includes("/api/predict") && e.startTime >= after);
-    if (!wait && settled() && !asked) resolve(null);
+    const answered = log.answers.filter((t) => t > after).at(-1);  // already there before this call
+    if (settled() && answered !== undefined) resolve(answered);
+    else if (!wait && settled() && !asked) resolve(null);
     else waiters.push({after, resolve});
+    // No answer (an error shown instead, or a stuck page): say so rather than wait forever.
+    setTimeout(() => resolve(-1), 20000);
   });
   window.__requestsAfter = (after) => performance.getEntriesByType("resource")
     .filter((e) => e.name.includes("/api/predict") && e.startTime >= after)
@@ -88,7 +92,10 @@ PNG_SENT = """async () => {
 }"""
 
 # The answers' next animation frames, read once the frame after this one has run.
-FRAMES = "() => new Promise((r) => requestAnimationFrame(() => setTimeout(() => r(window.__latency.frames))))"
+FRAMES = """() => new Promise((r) => {
+  requestAnimationFrame(() => setTimeout(() => r(window.__latency.frames)));
+  setTimeout(() => r(window.__latency.frames), 2000);  // a page that draws no frames (hidden window)
+})"""
 
 # Digits as strokes, in fractions of the pad: several strokes per digit, so pen-ups come mid-digit too.
 DIGITS = {
@@ -114,6 +121,9 @@ def stroke_record(page, up: float, answer: float | None) -> dict:
     requests = page.evaluate("t => window.__requestsAfter(t)", up)
     if answer is None:  # a pause just before the pen left had already been answered: nothing to wait for
         return {"answered_before_up": True, "requests_after_up": len(requests)}
+    if answer == -1:
+        return {"no_answer": page.locator("#status").text_content(), "answered_before_up": False,
+                "requests_after_up": len(requests), "up_to_dom_ms": None}
     frames = dict(map(tuple, page.evaluate(FRAMES)))
     record = {"answered_before_up": False, "requests_after_up": len(requests),
               "up_to_request_ms": round(requests[0]["start"] - up, 2) if requests else None,
@@ -148,7 +158,8 @@ def draw_stroke(page, box: dict, stroke: list[tuple[float, float]], pause: bool)
     if pause:
         moves(page, box, stroke[:2])
         last_move = page.evaluate("() => window.__latency.lastMove")
-        held = round(page.evaluate("a => window.__answerAfter(a)", [last_move, True]) - last_move, 2)
+        answer = page.evaluate("a => window.__answerAfter(a)", [last_move, True])
+        held = None if answer == -1 else round(answer - last_move, 2)
         moves(page, box, stroke[1:])
     else:
         moves(page, box, stroke)
@@ -206,11 +217,12 @@ def summarise(raw: dict) -> dict:
     return {
         "browser": raw["browser"], "headless": raw["headless"],
         "pen_up_to_dom": up_to_dom,
-        "pen_up_to_next_frame": stats([s["up_to_frame_ms"] for s in strokes]),
-        "pen_up_to_request": stats([s["up_to_request_ms"] for s in strokes]),
+        "pen_up_to_next_frame": stats([s.get("up_to_frame_ms") for s in strokes]),
+        "pen_up_to_request": stats([s.get("up_to_request_ms") for s in strokes]),
         "request_round_trip": stats([s.get("fetch_ms") for s in strokes]),
         "response_to_dom": stats([s.get("response_to_dom_ms") for s in strokes]),
         "answered_before_pen_up": len(raw["strokes"]) - len(strokes),
+        "no_answer_within_20s": sum("no_answer" in s for s in strokes) + raw["pauses_move_to_dom_ms"].count(None),
         "pause_to_dom": pause,
         "reference_http_round_trip": {
             "what": "POST /api/predict of the page's own PNG from Python, sequential on one connection, 3 after each "
