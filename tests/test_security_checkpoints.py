@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from conftest import REPO, cli_env
 
 from mnistrec.checkpoint import load_checkpoint, save_checkpoint
@@ -185,3 +187,29 @@ def test_legacy_non_zip_checkpoints_what_is_and_is_not_checked(mlp_checkpoint, t
     torch.save({**obj, "model_kwargs": {"hidden1": 200_000, "hidden2": 200_000}}, legacy, _use_new_zipfile_serialization=False)
     with pytest.raises(CheckpointError, match="out of range"):
         load_checkpoint(legacy)
+
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+    | st.sampled_from(["mlp", "cnn-lite", "ensemble", "cnn-small"]),
+    lambda inner: st.lists(inner, max_size=10) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+_KEYS = st.sampled_from(["hidden1", "hidden2", "num_classes", "width", "dropout", "stem", "widths_14", "widths_7",
+                         "member", "size", "member_kwargs", "evil"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+@given(name=st.sampled_from(["mlp", "cnn-small", "cnn-vgg", "cnn-lite", "cnn-wide", "ensemble"]),
+       kwargs=st.dictionaries(_KEYS, _VALUES, max_size=4))
+@example(name="ensemble", kwargs={"member": ["mlp"]})  # an unhashable name once raised TypeError
+@example(name="ensemble", kwargs={"member": "mlp", "member_kwargs": {"hidden1": [512]}})
+def test_any_model_kwargs_give_a_model_or_one_line(name, kwargs):
+    """Whatever a checkpoint's header says, building is either a model within the cap or a one-line MnistrecError
+    (never a TypeError from a factory, never an allocation past the cap: counted on the meta device first)."""
+    try:
+        model = meta_model(name, **kwargs)
+    except MnistrecError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    assert sum(p.numel() for p in model.parameters()) <= MAX_PARAMETERS

@@ -233,7 +233,7 @@ def _check_value(name: str, key: str, value: Any, arg: Arg) -> None:
     """Raise a one-line :class:`MnistrecError` unless ``value`` is what ``arg`` accepts."""
     where = f"model {name!r}: {key}"
     if arg.kind == "model":
-        if value not in _REGISTRY or value == name:
+        if not isinstance(value, str) or value not in _REGISTRY or value == name:
             raise MnistrecError(f"{where}={value!r} is not a registered model other than {name!r}")
     elif arg.kind == "kwargs":
         if not isinstance(value, dict):
