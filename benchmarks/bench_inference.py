@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mnistrec.backends import OnnxBackend, TorchBackend  # noqa: E402
+from mnistrec.backends import OnnxBackend, TorchBackend, resolve_backend  # noqa: E402
 from mnistrec.export import OPSET, export_metadata, onnx_model_proto  # noqa: E402
 from mnistrec.models import create_model, model_names  # noqa: E402
 from machine import cpu_model, load_average  # noqa: E402
@@ -77,15 +77,29 @@ def latency(run, calls: int) -> dict[str, float]:
     return {"median_ms": round(1e3 * statistics.median(times), 4), "p99_ms": round(1e3 * times[int(0.99 * (len(times) - 1))], 4)}
 
 
-def bench_model(name: str, seconds: float, repeats: int, latency_calls: int, threads: int) -> dict:
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=int,...`` (e.g. ``ensemble:size=5``, what the ensemble recipe writes)."""
+    name, _, options = spec.partition(":")
+    kwargs = {k: int(v) for k, v in (item.split("=", 1) for item in options.split(",") if item)}
+    return name, kwargs
+
+
+def default_specs() -> list[str]:
+    """Every registered model; the ensemble as the ensemble recipe makes it (5 members)."""
+    return ["ensemble:size=5" if name == "ensemble" else name for name in model_names()]
+
+
+def bench_model(spec: str, seconds: float, repeats: int, latency_calls: int, threads: int) -> dict:
     torch.manual_seed(0)
-    model = create_model(name).eval()
+    name, kwargs = parse_spec(spec)
+    model = create_model(name, **kwargs).eval()
     backends = {
         "torch": TorchBackend(model, name),
-        "onnx": OnnxBackend.from_bytes(onnx_model_proto(model, export_metadata(name)).SerializeToString(), threads=threads),
+        "onnx": OnnxBackend.from_bytes(onnx_model_proto(model, export_metadata(name, kwargs)).SerializeToString(), threads=threads),
     }
     images = torch.rand(max(BATCH_SIZES), 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    row: dict = {"model": name, "parameters": sum(p.numel() for p in model.parameters())}
+    # What `--backend auto` (the default of evaluate, predict and serve) runs for this model.
+    row: dict = {"model": spec, "parameters": sum(p.numel() for p in model.parameters()), "auto": resolve_backend("auto", name)}
     for key, backend in backends.items():
         rates = {str(b): throughput(backend.predict_logits, images[:b], seconds, repeats) for b in BATCH_SIZES}
         row[key] = {
@@ -111,7 +125,8 @@ def markdown(result: dict) -> str:
             ips = row[key]["images_per_s"]
             lat = row[key]["latency"]
             ratio = f"{row['onnx_vs_torch']['1024']:.2f}x" if key == "onnx" else ""
-            lines.append(f"| {row['model']} | {key} | {ips['1']:,} | {ips['64']:,} | {ips['1024']:,} | "
+            label = f"{key} (auto)" if row.get("auto") == key else key
+            lines.append(f"| {row['model']} | {label} | {ips['1']:,} | {ips['64']:,} | {ips['1024']:,} | "
                          f"{row[key]['images_per_cpu_s']['1024']:,} | "
                          f"{lat['median_ms']:.3f} ms ({lat['p99_ms']:.3f}) | {ratio} |")
     return "\n".join(lines)
@@ -136,7 +151,7 @@ def main() -> None:
     started = time.perf_counter()
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}, "
           f"{os.cpu_count()} cores, load average {load_before}")
-    rows = [bench_model(name, args.seconds, args.repeats, args.latency_calls, args.threads) for name in (args.models or model_names())]
+    rows = [bench_model(name, args.seconds, args.repeats, args.latency_calls, args.threads) for name in (args.models or default_specs())]
     result = {
         "benchmark": "inference",
         "command": "PYTHONPATH=src python benchmarks/bench_inference.py " + " ".join(sys.argv[1:]),

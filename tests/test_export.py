@@ -127,7 +127,8 @@ def test_corrupt_checkpoint_export_is_a_one_line_error(capsys, tmp_path, mlp_che
 
 def test_bad_inputs_are_one_line_errors(capsys, tmp_path, mlp_checkpoint, exported):
     assert "no such checkpoint" in _one_line_error(capsys, ["export", str(tmp_path / "missing.pth")])
-    assert "ONNX model; run it with --backend onnx" in _one_line_error(capsys, ["evaluate", str(exported[0])])
+    # The torch backend cannot run an .onnx file (the default, auto, runs it with onnxruntime).
+    assert "ONNX model; run it with --backend onnx" in _one_line_error(capsys, ["evaluate", str(exported[0]), "--backend", "torch"])
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00\x01 not a protobuf")
     assert "not a loadable ONNX model" in _one_line_error(capsys, ["evaluate", str(garbage), "--backend", "onnx"])

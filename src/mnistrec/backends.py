@@ -13,12 +13,22 @@ model, anything else a PyTorch checkpoint):
   exported in memory first (a few seconds with the ``torch.export`` exporter; export
   once with ``mnistrec export`` to start fast).
 
+``auto`` (the default of ``predict``, ``evaluate`` and ``serve``) picks by what was
+measured (``benchmarks/bench_inference.py``): onnxruntime runs the CNNs several times
+faster than eager PyTorch, while the MLP is as fast in PyTorch. So ``auto`` is
+``onnx`` for an ``.onnx`` file, and for a checkpoint of any model but the MLP when
+onnxruntime and the exporter are installed; ``torch`` otherwise. The in-memory
+export takes seconds, so it is cached (``$XDG_CACHE_HOME/mnistrec/onnx/``, keyed
+by the checkpoint's bytes, the torch version and the opset) and paid once per checkpoint.
+
 Both return calibrated logits: a checkpoint's temperature (:mod:`mnistrec.calibration`)
 is applied by the torch backend and folded into the graph of an ONNX export.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Protocol
@@ -30,8 +40,10 @@ from .checkpoint import LoadedModel, load_checkpoint
 from .errors import CheckpointError, MnistrecError
 from .onnx_session import OnnxBackend
 
-BACKENDS = ("torch", "onnx")
-__all__ = ["BACKENDS", "Backend", "OnnxBackend", "TorchBackend", "backend_for", "load_backend"]
+BACKENDS = ("auto", "torch", "onnx")
+#: Models that eager PyTorch runs as fast as onnxruntime (benchmarks/results/inference.json): auto keeps them on torch.
+TORCH_FAST = ("mlp",)
+__all__ = ["BACKENDS", "Backend", "OnnxBackend", "TorchBackend", "backend_for", "load_backend", "resolve_backend"]
 
 
 class Backend(Protocol):
@@ -55,29 +67,77 @@ class TorchBackend:
             return self.model(x)
 
 
-def load_backend(path: str | os.PathLike, backend: str = "torch") -> Backend:
-    """Load ``path`` (a ``.pth`` checkpoint or an ``.onnx`` export) for inference with ``backend``."""
-    path = Path(path)
+def onnx_available() -> bool:
+    """Are onnxruntime and the ONNX exporter installed (the ``export`` extra)?"""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx", "onnxscript"))
+
+
+def resolve_backend(backend: str, model_name: str | None = None, path: str | os.PathLike | None = None) -> str:
+    """The engine ``backend`` stands for: ``auto`` becomes ``onnx`` or ``torch`` (see the module's docstring)."""
     if backend not in BACKENDS:
         raise MnistrecError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if path is not None and Path(path).suffix.lower() == ".onnx":
+        return "onnx"
+    return "onnx" if model_name not in TORCH_FAST and onnx_available() else "torch"
+
+
+def load_backend(path: str | os.PathLike, backend: str = "auto") -> Backend:
+    """Load ``path`` (a ``.pth`` checkpoint or an ``.onnx`` export) for inference with ``backend``."""
+    path = Path(path)
     is_onnx = path.suffix.lower() == ".onnx"
-    if is_onnx and backend == "torch":
-        raise MnistrecError(f"{path} is an ONNX model; run it with --backend onnx (or pass the .pth checkpoint)")
     if is_onnx:
+        backend = resolve_backend(backend, path=path)
+        if backend == "torch":
+            raise MnistrecError(f"{path} is an ONNX model; run it with --backend onnx (or pass the .pth checkpoint)")
         if not path.is_file():
             raise CheckpointError(f"{path}: no such ONNX file")
         return OnnxBackend.from_bytes(str(path), str(path))
+    if backend not in BACKENDS:
+        raise MnistrecError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
     return backend_for(load_checkpoint(path), backend)
 
 
-def backend_for(loaded: LoadedModel, backend: str = "torch") -> Backend:
-    """Run an already loaded checkpoint with ``backend`` (for ``onnx``, exported in memory first)."""
-    if backend not in BACKENDS:
-        raise MnistrecError(f"unknown backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+def backend_for(loaded: LoadedModel, backend: str = "auto") -> Backend:
+    """Run an already loaded checkpoint with ``backend`` (for ``onnx``, exported in memory first, or from the cache)."""
+    backend = resolve_backend(backend, loaded.model_name)
     if backend == "torch":
         return TorchBackend(loaded.inference_model, loaded.model_name)
+    cache = _export_cache_path(loaded)
+    if cache is not None and cache.is_file():
+        return OnnxBackend.from_bytes(str(cache), str(loaded.path or "<memory>"))
     from .export import export_metadata, onnx_model_proto  # onnx and its exporter: only for this backend
 
     proto = onnx_model_proto(loaded.inference_model, export_metadata(loaded.model_name, loaded.model_kwargs,
                                                                      temperature=loaded.temperature))
-    return OnnxBackend.from_bytes(proto.SerializeToString(), str(loaded.path or "<memory>"))
+    data = proto.SerializeToString()
+    if cache is not None:
+        _store(cache, data)
+    return OnnxBackend.from_bytes(data, str(loaded.path or "<memory>"))
+
+
+def _export_cache_path(loaded: LoadedModel) -> Path | None:
+    """Where the ONNX export of this checkpoint file is cached (None for a model with no file)."""
+    if loaded.path is None or not Path(loaded.path).is_file():
+        return None
+    from .export import OPSET
+
+    digest = hashlib.sha256()
+    with open(loaded.path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(f"{torch.__version__}|{OPSET}|{loaded.temperature}".encode())
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mnistrec" / "onnx" / f"{digest.hexdigest()[:32]}.onnx"
+
+
+def _store(path: Path, data: bytes) -> None:
+    """Write the cache file atomically; a cache that cannot be written only costs the next export."""
+    from .fileio import atomic_write
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda fh: fh.write(data))
+    except OSError:
+        pass

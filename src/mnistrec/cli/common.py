@@ -16,10 +16,11 @@ def add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def add_backend(parser: argparse.ArgumentParser, onnx_files: bool = True) -> None:
-    """``--backend torch|onnx`` (see :mod:`mnistrec.backends`)."""
+    """``--backend auto|torch|onnx`` (see :mod:`mnistrec.backends`)."""
     what = "takes an .onnx export, or exports a .pth in memory" if onnx_files else "on the checkpoint exported in memory"
-    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                        help=f"inference engine: PyTorch (default), or onnxruntime ({what})")
+    parser.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                        help=f"inference engine: onnxruntime ({what}; the export is cached), PyTorch, or auto (default): "
+                             "onnxruntime for CNNs when installed, PyTorch for the MLP")
 
 
 #: A first positional argument with one of these endings is a checkpoint (the form before the shipped default model).

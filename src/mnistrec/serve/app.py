@@ -41,7 +41,7 @@ DEFAULT_MAX_BATCH_IMAGES = 64
 
 def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
-               batch_wait_ms: float = 1.0, model_name: str = "mnistrec", backend: str = "torch",
+               batch_wait_ms: float = 1.0, model_name: str = "mnistrec", backend: str = "auto",
                allowed_hosts: Sequence[str] | None = None,
                decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_BYTES) -> FastAPI:
     """Build the web app for one checkpoint (raises :class:`CheckpointError` if it cannot be loaded).
@@ -49,7 +49,7 @@ def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = D
     ``max_request_bytes`` caps a request body (413), ``max_pixels`` an image's
     decoded size, ``max_batch_images`` the images per request; ``batch_wait_ms`` is
     how long the micro-batcher waits to group concurrent requests; ``backend``
-    (``torch`` or ``onnx``) is the inference engine (see :mod:`mnistrec.backends`).
+    (``auto``, ``torch`` or ``onnx``) is the inference engine (see :mod:`mnistrec.backends`).
     ``allowed_hosts`` are the ``Host`` header names answered (others get 400; ``None``
     answers any, for in-process use: ``mnistrec serve`` always passes its list, see
     :mod:`mnistrec.serve.hosts`); ``decode_memory_bytes`` bounds the memory of concurrent
@@ -89,6 +89,6 @@ def create_app_from_env() -> FastAPI:
         max_pixels=int(env.get("MNISTREC_SERVE_MAX_PIXELS", DEFAULT_MAX_PIXELS)),
         max_batch_images=int(env.get("MNISTREC_SERVE_MAX_BATCH", DEFAULT_MAX_BATCH_IMAGES)),
         model_name=env.get("MNISTREC_SERVE_MODEL_NAME", "mnistrec"),
-        backend=env.get("MNISTREC_SERVE_BACKEND", "torch"),
+        backend=env.get("MNISTREC_SERVE_BACKEND", "auto"),
         allowed_hosts=env["MNISTREC_SERVE_ALLOWED_HOSTS"].split(",") if "MNISTREC_SERVE_ALLOWED_HOSTS" in env else None,
     )

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from .. import __version__
-from ..backends import backend_for
+from ..backends import backend_for, resolve_backend
 from ..checkpoint import LoadedModel
 from ..errors import ImageError, MnistrecError
 from ..models import count_parameters, flops_per_image
@@ -96,14 +96,17 @@ class Service:
     """The loaded model, its batcher, and the request-independent facts about it."""
 
     def __init__(self, loaded: LoadedModel, checkpoint_path: Path, max_pixels: int, max_batch_images: int,
-                 batch_wait_ms: float, model_name: str, backend: str = "torch",
+                 batch_wait_ms: float, model_name: str, backend: str = "auto",
                  decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_BYTES) -> None:
         self.loaded = loaded
         self.model = loaded.model
         # What runs the predictions: the PyTorch model, or onnxruntime on this checkpoint exported in memory.
         # The checkpoint is read once (by the caller); the onnx backend exports these same weights in memory.
         # Both apply the checkpoint's temperature: every probability served is calibrated.
+        # auto: onnxruntime for the CNNs when installed, PyTorch for the MLP (mnistrec.backends).
+        backend = resolve_backend(backend, loaded.model_name)
         self.runner = loaded.inference_model if backend == "torch" else backend_for(loaded, backend)
+        self.backend = backend
         self.name = model_name
         self.max_pixels = max_pixels
         self.max_batch_images = max_batch_images
