@@ -274,3 +274,24 @@ def test_a_gzip_bomb_is_refused_with_bounded_memory_and_the_next_mirror_is_used(
     peak_mb = usage.ru_maxrss / 1024
     print(f"gzip bomb ({len(bomb):,} bytes -> {BOMB_MIB} MiB): refused; download peak RSS {peak_mb:.0f} MB")
     assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
+
+
+def test_a_gzip_bomb_already_in_the_data_directory_is_read_with_bounded_memory(server, data_dir, tmp_path):
+    """The same 2 GiB bomb saved under an MNIST name in the data directory (where `download`, `train` and `evaluate`
+    read it): at most the file's known size + 1 byte is unpacked (2 GiB would be before), it is named as damaged
+    and downloaded again."""
+    target = tmp_path / "mnist"
+    _fill(target, data_dir)
+    (target / "train-images-idx3-ubyte.gz").write_bytes(gzip_bomb())
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        proc = subprocess.Popen([sys.executable, "-m", "mnistrec", "download", "--data-dir", str(target),
+                                 "--mirror", server.url("good")],
+                                cwd=REPO, env=cli_env(), stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+    log = out.read_text() + err.read_text()
+    assert os.waitstatus_to_exitcode(status) == 0, log
+    assert "train-images-idx3-ubyte.gz: bad magic number 0x00000000" in log and "downloading again" in log, log
+    assert server.requests == ["/good/train-images-idx3-ubyte.gz"]
+    assert (target / "train-images-idx3-ubyte.gz").read_bytes() == (data_dir / "train-images-idx3-ubyte.gz").read_bytes()
+    assert usage.ru_maxrss / 1024 < 1024, f"peak RSS {usage.ru_maxrss / 1024:.0f} MB"
