@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 def server(mlp_checkpoint, tmp_path_factory):
     """``mnistrec serve`` on a free loopback port (the benchmarks' helper); stopped after the module."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from soak_serve import running_server
+    from serving import running_server
 
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with running_server(mlp_checkpoint, log, env=cli_env(), start_timeout=90) as (url, _):
