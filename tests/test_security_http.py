@@ -276,3 +276,19 @@ def test_serve_cli_allowed_host_option(mlp_checkpoint, tmp_path):
                     for host in ("digits.example", "localhost", "evil.example")}
     assert statuses == {"digits.example": 200, "localhost": 200, "evil.example": 400}
     assert "Host names answered: 127.0.0.1, localhost, [::1], digits.example" in (tmp_path / "serve.log").read_text()
+
+
+def test_the_uvicorn_factory_answers_only_loopback_names_unless_told(mlp_checkpoint, monkeypatch):
+    """`uvicorn --factory mnistrec.serve.app:create_app_from_env` run by hand, without MNISTREC_SERVE_ALLOWED_HOSTS."""
+    from fastapi.testclient import TestClient
+
+    from mnistrec.serve.app import create_app_from_env
+
+    monkeypatch.setenv("MNISTREC_SERVE_CHECKPOINT", str(mlp_checkpoint))
+    monkeypatch.delenv("MNISTREC_SERVE_ALLOWED_HOSTS", raising=False)
+    with TestClient(create_app_from_env(), base_url="http://evil.example") as client:
+        assert client.get("/api/health").status_code == 400
+        assert client.get("/api/health", headers={"host": "localhost:8000"}).status_code == 200
+    monkeypatch.setenv("MNISTREC_SERVE_ALLOWED_HOSTS", "127.0.0.1,evil.example")
+    with TestClient(create_app_from_env(), base_url="http://evil.example") as client:
+        assert client.get("/api/health").status_code == 200

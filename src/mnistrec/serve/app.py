@@ -26,7 +26,7 @@ from fastapi_offline import FastAPIOffline
 from .. import __version__
 from ..checkpoint import load_checkpoint
 from . import api, v2
-from .hosts import TrustedHosts
+from .hosts import LOOPBACK_NAMES, TrustedHosts
 from .limits import BodySizeLimit
 from .pages import STATIC_DIR, add_pages
 from .service import DEFAULT_DECODE_MEMORY_BYTES, ERRORS, Service, install_error_handlers
@@ -90,5 +90,6 @@ def create_app_from_env() -> FastAPI:
         max_batch_images=int(env.get("MNISTREC_SERVE_MAX_BATCH", DEFAULT_MAX_BATCH_IMAGES)),
         model_name=env.get("MNISTREC_SERVE_MODEL_NAME", "mnistrec"),
         backend=env.get("MNISTREC_SERVE_BACKEND", "auto"),
-        allowed_hosts=env["MNISTREC_SERVE_ALLOWED_HOSTS"].split(",") if "MNISTREC_SERVE_ALLOWED_HOSTS" in env else None,
+        # Run directly under uvicorn without the variable, the server still answers only the loopback names.
+        allowed_hosts=env.get("MNISTREC_SERVE_ALLOWED_HOSTS", ",".join(LOOPBACK_NAMES)).split(","),
     )
