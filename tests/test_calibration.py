@@ -146,3 +146,22 @@ def test_invalid_temperature_is_one_line_checkpoint_error(mlp_checkpoint, tmp_pa
         load_checkpoint(path)
     assert "\n" not in str(info.value)
     assert not (isinstance(bad, float) and math.isfinite(bad) and 0.02 <= bad <= 50)
+
+
+def test_training_fits_the_temperature_on_its_validation_split_and_final_runs_inherit_it(mnist, tmp_path):
+    from mnistrec.training import make_config, train_final
+
+    config = make_config("seed", epochs=1, limit_train=4000, val_size=1000, limit_test=500)
+    result = train_final(config, mnist, tmp_path / "run", progress=False, log=lambda _: None)
+    selection = read_checkpoint(tmp_path / "run" / "selection" / "model.pth")["calibration"]
+    assert selection["count"] == 1000 and "validation split" in selection["fitted_on"]
+    assert selection["val_after"]["nll"] <= selection["val_before"]["nll"]
+    final = read_checkpoint(tmp_path / "run" / "model.pth")
+    assert final["calibration"]["temperature"] == selection["temperature"]
+    assert "selection run" in final["calibration"]["copied_from"]
+    # The recorded test metrics are the calibrated model's.
+    loaded = load_checkpoint(tmp_path / "run" / "model.pth")
+    from mnistrec.evaluate import evaluate
+
+    again = evaluate(loaded.inference_model, mnist.test_images[:500], mnist.test_labels[:500])
+    assert final["metrics"]["nll"] == pytest.approx(again["nll"], rel=1e-4) == result.metrics["nll"]

@@ -176,13 +176,17 @@ def _score_members(config: TrainConfig, data: MNIST, models: list[nn.Module], me
 
     Adds ``val_accuracy``/``test_accuracy`` to each member's row; returns the
     ensemble's test metrics (``ensemble``, ``ensemble_tta``) and validation
-    accuracies (``ensemble_val``, ``ensemble_tta_val``).
+    accuracies (``ensemble_val``, ``ensemble_tta_val``). With a validation split
+    the ensemble's temperature is fitted there (``calibration``) and the test
+    metrics are those of the calibrated ensemble.
     """
+    from ..calibration import calibration_record
     from ..evaluate import metrics_from_logits
 
     split = split_data(data, config)
     test_x, test_y = test_split(data, config)
     metrics: dict[str, Any] = {}
+    temperature = 1.0
     for name, images, labels in (("val", split.val_x, split.val_y), ("test", test_x, test_y)):
         if images is None or final and name == "val":  # final members trained on the validation images
             continue
@@ -192,8 +196,13 @@ def _score_members(config: TrainConfig, data: MNIST, models: list[nn.Module], me
         variants = {"ensemble": probabilities[:, 0].mean(0)}
         if config.tta:
             variants["ensemble_tta"] = probabilities.mean((0, 1))
+        if name == "val":
+            metrics["calibration"] = calibration_record(variants["ensemble"].clamp_min(1e-12).log(), labels,
+                                                        f"validation split: {len(labels)} training images, "
+                                                        f"split_seed {config.split_seed}")
+            temperature = metrics["calibration"]["temperature"]
         for key, averaged in variants.items():
-            result_metrics = metrics_from_logits(averaged.clamp_min(1e-12).log(), labels)
+            result_metrics = metrics_from_logits(averaged.clamp_min(1e-12).log() / temperature, labels)
             metrics[key if name == "test" else f"{key}_val"] = result_metrics if name == "test" else result_metrics["accuracy"]
     return metrics
 
@@ -215,10 +224,13 @@ def _write_ensemble_run(result: EnsembleResult, data: MNIST, final: bool) -> Non
     kwargs = {"member": config.model, "size": len(members), "member_kwargs": config.model_kwargs}
     save_checkpoint(run_dir / "model.pth", "ensemble", kwargs, result.model, recipe=config.recipe,
                     config=config.to_dict(), members=members, data_checksums=data.checksums(),
-                    metrics={k: v for k, v in metrics["ensemble"].items() if k in ("loss", "accuracy", "count", "errors")})
+                    metrics={k: v for k, v in metrics["ensemble"].items()
+                             if k in ("loss", "accuracy", "count", "errors", "ece", "nll")},
+                    **({"calibration": metrics["calibration"]} if metrics.get("calibration") else {}))
     summary = {"recipe": config.recipe, "model": "ensemble", "config": config.to_dict(), "final": final,
                "members": members, "test": metrics["ensemble"], "test_tta": metrics.get("ensemble_tta"),
                "val_accuracy": metrics.get("ensemble_val"), "val_accuracy_tta": metrics.get("ensemble_tta_val"),
+               "calibration": metrics.get("calibration"),
                "seconds": round(result.seconds, 3), "world_size": result.world_size, "versions": library_versions(),
                "data_checksums": data.checksums()}
     atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))

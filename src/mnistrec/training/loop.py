@@ -30,7 +30,8 @@ from .. import distributed
 from ..data import MNIST
 from ..devices import channels_last_helps, resolve_device
 from ..errors import MnistrecError
-from ..evaluate import evaluate
+from ..calibration import calibrated, calibration_record
+from ..evaluate import evaluate, predict_logits
 from ..models import Normalize, create_model
 from .config import TrainConfig
 from .optim import augmenter
@@ -83,6 +84,7 @@ def train(
     log: Callable[[str], None] = print,
     evaluate_test: bool = True,
     ddp: bool = True,
+    calibration: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``config`` on ``data``; write checkpoints, metrics and history into ``run_dir``.
 
@@ -92,7 +94,7 @@ def train(
     ends the run after that many epochs without improvement. The test set is
     evaluated every epoch only for ``epoch_test`` with no validation split (the
     seed's behaviour); otherwise once, at the end, and not at all with
-    ``evaluate_test=False`` (selection runs, ensemble members).
+    ``evaluate_test=False`` (selection runs, ensemble members), calibrated (:func:`_fit_temperature`).
 
     Under torchrun this runs DistributedDataParallel (see :mod:`mnistrec.distributed`):
     ``config.batch_size`` is the *global* batch, each rank trains on its shard, and
@@ -145,10 +147,11 @@ def train(
         raise
 
     final_model = _final_model(state)
-    metrics = _test_metrics(final_model, state, run) if evaluate_test else {}
+    calibration = _fit_temperature(final_model, run, config, log) or calibration  # held-out fit, else the given one
+    metrics = _test_metrics(final_model, state, run, calibration) if evaluate_test else {}
     seconds = time.perf_counter() - start_time
     result = TrainResult(final_model, config, state.history, metrics, run_dir, seconds,
-                         best_epoch=state.best.epoch or None, stopped_early=state.stopped_early)
+                         best_epoch=state.best.epoch or None, stopped_early=state.stopped_early, calibration=calibration)
     if run_dir and ctx.is_main:
         write_run(result, data)
     return result
@@ -162,12 +165,27 @@ def _final_model(state: TrainingState) -> nn.Module:
     return final_model.eval()
 
 
-def _test_metrics(final_model: nn.Module, state: TrainingState, run: _Run) -> dict[str, Any]:
-    """The test metrics of ``final_model``."""
+def _test_metrics(final_model: nn.Module, state: TrainingState, run: _Run,
+                  calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """The test metrics of ``final_model``, calibrated by ``calibration``'s temperature when there is one."""
     # Seed style, the last epoch's test pass already scored these very weights: do not pass over the test set twice.
-    if state.best.state_dict is None and run.last_test is not None:
+    if state.best.state_dict is None and run.last_test is not None and calibration is None:
         return run.last_test
-    return evaluate(final_model, run.test_x, run.test_y, state.config.eval_batch_size, run.ctx.device)
+    scored = calibrated(final_model, calibration["temperature"]) if calibration else final_model
+    return evaluate(scored, run.test_x, run.test_y, state.config.eval_batch_size, run.ctx.device)
+
+
+def _fit_temperature(model: nn.Module, run: _Run, config: TrainConfig,
+                     log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Temperature scaling on the run's validation split (``None`` without one): the checkpoint's calibration."""
+    if run.split.val_x is None:
+        return None
+    logits = predict_logits(model, run.split.val_x, config.eval_batch_size, run.ctx.device)
+    record = calibration_record(logits, run.split.val_y, f"validation split: {len(run.split.val_y)} training images, "
+                                f"split_seed {config.split_seed}" + (", limit_train" if config.limit_train else ""))
+    log(f"calibration: temperature {record['temperature']:.4f} (validation ECE {100 * record['val_before']['ece']:.2f}% "
+        f"-> {100 * record['val_after']['ece']:.2f}%)")
+    return record
 
 
 def _process_context(config: TrainConfig, ddp: bool) -> distributed.DistContext:

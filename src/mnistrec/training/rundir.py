@@ -109,6 +109,7 @@ def write_run(result: TrainResult, data: MNIST) -> None:
         "seconds": round(result.seconds, 3),
         "versions": library_versions(),
         "data_checksums": data.checksums(),
+        "calibration": result.calibration,
     }
     save_checkpoint(
         run_dir / "model.pth",
@@ -117,9 +118,10 @@ def write_run(result: TrainResult, data: MNIST) -> None:
         result.model,
         recipe=result.config.recipe,
         config=result.config.to_dict(),
-        metrics={k: v for k, v in result.metrics.items() if k in ("loss", "accuracy", "count", "errors")},
+        metrics={k: v for k, v in result.metrics.items() if k in ("loss", "accuracy", "count", "errors", "ece", "nll")},
         data_checksums=data.checksums(),
         history=result.history,
+        **({"calibration": result.calibration} if result.calibration else {}),
     )
     atomic_write_text(run_dir / "metrics.json", json.dumps(summary, indent=2))
     columns = list(dict.fromkeys(key for row in result.history for key in row))

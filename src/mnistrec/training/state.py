@@ -38,6 +38,7 @@ class TrainResult:
     seconds: float
     best_epoch: int | None = None  # the validation-selected epoch whose weights ``model`` holds
     stopped_early: bool = False
+    calibration: dict[str, Any] | None = None  # the temperature record stored in the checkpoint
 
 
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
