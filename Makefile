@@ -10,6 +10,9 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 PIP      := $(PY) -m pip --disable-pip-version-check -q
 TORCH    := torch==2.13.0
+# Where torch comes from. Empty: pip's configured indexes (here a local CPU wheel). With internet on Linux, PyPI's
+# torch==2.13.0 is the multi-GB CUDA build; `make run TORCH_INDEX=https://download.pytorch.org/whl/cpu` takes the CPU one.
+TORCH_INDEX ?=
 # The shared copy of MNIST on this project's machines; elsewhere the default cache.
 DATA_DIR ?= $(firstword $(wildcard ../shared/datasets/mnist) $(HOME)/.cache/mnistrec/mnist)
 RECIPE   ?= seed
@@ -33,7 +36,7 @@ help:
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install $(TORCH)
+	$(PIP) install $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -e '.[serve,export]'
 	@touch $@
 
