@@ -342,3 +342,49 @@ def test_one_request_in_flight_newest_drawing_wins_and_reading_shows_while_waiti
             assert start is not None and t - start >= 100, marks
         if not busy:
             start = None
+
+
+@pytest.fixture(scope="module")
+def shipped_server(tmp_path_factory):
+    """``mnistrec serve`` with no checkpoint: the shipped, calibrated model."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from serving import running_server
+
+    log = tmp_path_factory.mktemp("serve-shipped") / "serve.log"
+    with running_server(None, log, env=cli_env(), start_timeout=120) as (url, _):
+        yield url
+
+
+def test_an_unsure_prediction_says_not_sure_with_the_top_two(browser, shipped_server, mnist, tmp_path):
+    import torch
+
+    from mnistrec.checkpoint import default_checkpoint, load_checkpoint
+    from mnistrec.data import to_float
+
+    # Test digits the shipped model is least sure of; the first the server (after preprocessing) flags is used.
+    model = load_checkpoint(default_checkpoint()).inference_model
+    with torch.inference_mode():
+        confidence = model(to_float(mnist.test_images)).softmax(1).max(1).values
+    answer = None
+    for index in confidence.argsort()[:40].tolist():
+        data = mnist_png(mnist, index)
+        answer = httpx.post(f"{shipped_server}/api/predict?top_k=2", files={"file": ("x.png", data, "image/png")},
+                            timeout=60).json()
+        if answer["unsure"]:
+            break
+    assert answer is not None and answer["unsure"], "no unsure digit among the 40 least sure test digits"
+    first, second = answer["top_k"]
+    path = tmp_path / "hard-digit.png"
+    path.write_bytes(data)
+    context = browser.new_context(viewport={"width": 900, "height": 820}, reduced_motion="reduce")
+    page = context.new_page()
+    page.goto(shipped_server + "/")
+    before = predictions(page)
+    page.set_input_files("#file", str(path))
+    wait_for_prediction(page, before)
+    text = page.locator("#confidence").text_content()
+    assert text.startswith("Not sure:") and f"{first['digit']} (" in text and f" or {second['digit']} (" in text, text
+    assert page.locator("#confidence.unsure").is_visible()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "unsure.png"), full_page=True)
+    context.close()
