@@ -62,6 +62,29 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# A child's own peak RSS is not what os.wait4() reports: Linux carries the parent's peak across fork/vfork + exec
+# into the child's ru_maxrss, so a child of a pytest process grown past 1 GB "peaks" past 1 GB whatever it does.
+# VmHWM in /proc/self/status belongs to the address space exec creates, so the child reads it itself at exit.
+PEAK_RSS_WRAPPER = """
+import runpy, sys
+peak_file = sys.argv.pop(1)
+sys.argv[0] = "mnistrec"
+try:
+    runpy.run_module("mnistrec", run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as status, open(peak_file, "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+"""
+
+
+def run_cli_peak_rss(*args: str, tmp_path: Path, timeout: float = 600, **env: str) -> tuple[int, str, str, int]:
+    """``python -m mnistrec ARGS`` in a subprocess: (exit code, stdout, stderr, that process's own peak RSS in KiB)."""
+    peak = tmp_path / "peak_rss_kib"
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, str(peak), *map(str, args)], cwd=REPO,
+                          env=cli_env(**env), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+    return done.returncode, done.stdout, done.stderr, int(peak.read_text())
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """Run ``python -m mnistrec ARGS`` in a real subprocess and capture its output."""
     return subprocess.run(

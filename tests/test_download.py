@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import gzip
 import io
-import os
 import shutil
 import signal
 import struct
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, run_cli, run_cli_peak_rss
 from mnistrec.data import FILES, download, load_split
 from mnistrec.errors import DataError
 
@@ -246,20 +245,15 @@ def test_interrupted_download_leaves_no_file(server, tmp_path):
 def test_a_gzip_bomb_is_refused_with_bounded_memory_and_the_next_mirror_is_used(server, data_dir, tmp_path):
     """The real attack: a hostile mirror serves a 2 MB gzip that unpacks to 2 GiB. The download unpacks at most
     the expected size + 1 byte while hashing, refuses it, and takes the next mirror; the child's peak RSS
-    (os.wait4, this child only) stays far below the 2 GiB the bomb would need."""
+    (its own VmHWM, see conftest.run_cli_peak_rss) stays far below the 2 GiB the bomb would need."""
     bomb = gzip_bomb()
     assert len(bomb) < 3_000_000
     with gzip.open(io.BytesIO(bomb)) as fh:  # it really is a valid gzip of zeros
         assert fh.read(1 << 20) == bytes(1 << 20)
     target = tmp_path / "mnist"
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with open(out, "wb") as fo, open(err, "wb") as fe:
-        proc = subprocess.Popen([sys.executable, "-m", "mnistrec", "download", "--data-dir", str(target),
-                                 "--mirror", server.url("bomb"), "--mirror", server.url("good")],
-                                cwd=REPO, env=cli_env(), stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-    stderr = err.read_text()
-    assert os.waitstatus_to_exitcode(status) == 0, stderr
+    code, _, stderr, peak_kib = run_cli_peak_rss("download", "--data-dir", target, "--mirror", server.url("bomb"),
+                                                 "--mirror", server.url("good"), tmp_path=tmp_path)
+    assert code == 0, stderr
     for name in NAMES:
         refused = [line for line in stderr.splitlines() if line.startswith(f"{name}: ") and "/bomb/" in line]
         assert len(refused) == 1 and "failed" in refused[0], stderr
@@ -271,7 +265,7 @@ def test_a_gzip_bomb_is_refused_with_bounded_memory_and_the_next_mirror_is_used(
         assert f"{name}: downloaded from {server.url('good')}" in stderr
     assert [p.split("/")[1] for p in server.requests if p.endswith(NAMES[0])] == ["bomb", "good"]
     _assert_only_final_files(target, set(NAMES))
-    peak_mb = usage.ru_maxrss / 1024
+    peak_mb = peak_kib / 1024
     print(f"gzip bomb ({len(bomb):,} bytes -> {BOMB_MIB} MiB): refused; download peak RSS {peak_mb:.0f} MB")
     assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
 
@@ -283,15 +277,11 @@ def test_a_gzip_bomb_already_in_the_data_directory_is_read_with_bounded_memory(s
     target = tmp_path / "mnist"
     _fill(target, data_dir)
     (target / "train-images-idx3-ubyte.gz").write_bytes(gzip_bomb())
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with open(out, "wb") as fo, open(err, "wb") as fe:
-        proc = subprocess.Popen([sys.executable, "-m", "mnistrec", "download", "--data-dir", str(target),
-                                 "--mirror", server.url("good")],
-                                cwd=REPO, env=cli_env(), stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-    log = out.read_text() + err.read_text()
-    assert os.waitstatus_to_exitcode(status) == 0, log
+    code, stdout, stderr, peak_kib = run_cli_peak_rss("download", "--data-dir", target, "--mirror", server.url("good"),
+                                                      tmp_path=tmp_path)
+    log = stdout + stderr
+    assert code == 0, log
     assert "train-images-idx3-ubyte.gz: bad magic number 0x00000000" in log and "downloading again" in log, log
     assert server.requests == ["/good/train-images-idx3-ubyte.gz"]
     assert (target / "train-images-idx3-ubyte.gz").read_bytes() == (data_dir / "train-images-idx3-ubyte.gz").read_bytes()
-    assert usage.ru_maxrss / 1024 < 1024, f"peak RSS {usage.ru_maxrss / 1024:.0f} MB"
+    assert peak_kib / 1024 < 1024, f"peak RSS {peak_kib / 1024:.0f} MB"

@@ -78,20 +78,23 @@ def test_lighting_noise_and_blur_take_the_full_route():
     assert float(preprocess(shaded).max()) > 0.9
 
 
+# Peak RSS as VmHWM, this process's own: ru_maxrss would carry the pytest parent's peak across exec (see conftest).
 MEMORY_SCRIPT = """
-import io, resource, sys
+import io, sys
 import numpy as np
 from PIL import Image
 from mnistrec.preprocess import open_image, preprocess
+def peak_kib():
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 data = open(sys.argv[1], "rb").read()
 small = io.BytesIO(); Image.new("RGBA", (64, 64), (255, 255, 255, 255)).save(small, "PNG")
 try:
     preprocess(open_image(small.getvalue(), draft=True))  # imports and first-call allocations, not measured
 except Exception:
     pass
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 t = preprocess(open_image(data, max_pixels=4096 * 4096, draft=True))
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kib()
 print((after - before) / 1024, float(t.max()))
 """
 

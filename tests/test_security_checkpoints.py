@@ -2,15 +2,12 @@
 
 A checkpoint names its own model and arguments. A crafted one asking for a
 200,000-wide MLP (160 GB) or a huge ensemble must be refused from its header:
-one line, exit 2, and the child's peak RSS (``os.wait4``, this child only) under
+one line, exit 2, and the child's own peak RSS (its VmHWM, see conftest.run_cli_peak_rss) under
 1 GB. A flipped byte must be refused even when the file carries no CRC.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -18,24 +15,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from conftest import REPO, cli_env
+from conftest import run_cli_peak_rss
 
 from mnistrec.checkpoint import load_checkpoint, save_checkpoint
 from mnistrec.errors import CheckpointError, MnistrecError
 from mnistrec.models import MAX_PARAMETERS, Ensemble, create_model, meta_model
 
-RSS_LIMIT_KB = 1024 * 1024  # 1 GB, ru_maxrss is in KiB on Linux
+RSS_LIMIT_KB = 1024 * 1024  # 1 GB; VmHWM is in KiB
 
 
 def run_cli_measured(*args: str, tmp_path: Path) -> tuple[int, str, str, int]:
     """``python -m mnistrec ARGS`` in a subprocess: (exit code, stdout, stderr, peak RSS in KiB of that child)."""
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with open(out, "wb") as fo, open(err, "wb") as fe:
-        proc = subprocess.Popen([sys.executable, "-m", "mnistrec", *map(str, args)], cwd=REPO,
-                                env=cli_env(OMP_NUM_THREADS="1"), stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, out.read_text(), err.read_text(), usage.ru_maxrss
+    return run_cli_peak_rss(*args, tmp_path=tmp_path, OMP_NUM_THREADS="1")
 
 
 def crafted(source: Path, target: Path, **changes) -> Path:
@@ -73,7 +64,7 @@ def test_the_untouched_checkpoint_still_evaluates_in_the_same_harness(mlp_checkp
     code, out, err, rss_kb = run_cli_measured("evaluate", mlp_checkpoint, "--data-dir", data_dir, "--quiet",
                                               "--limit-test", "100", tmp_path=tmp_path)
     assert code == 0, err
-    assert "accuracy" in out and rss_kb > 10 * 1024  # ru_maxrss really measures the child
+    assert "accuracy" in out and rss_kb > 10 * 1024  # the measurement really sees the child
 
 
 def test_weights_of_the_wrong_shape_are_refused_before_the_model_is_built(mlp_checkpoint, tmp_path, monkeypatch):
