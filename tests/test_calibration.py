@@ -165,3 +165,19 @@ def test_training_fits_the_temperature_on_its_validation_split_and_final_runs_in
 
     again = evaluate(loaded.inference_model, mnist.test_images[:500], mnist.test_labels[:500])
     assert final["metrics"]["nll"] == pytest.approx(again["nll"], rel=1e-4) == result.metrics["nll"]
+
+
+def test_cli_table_and_json_say_not_sure_below_the_threshold(mlp_checkpoint, tmp_path, mnist):
+    from PIL import Image
+
+    # A very high temperature flattens every probability below the threshold: every prediction is unsure.
+    flat = tmp_path / "flat.pth"
+    with_calibration(mlp_checkpoint, {"method": "temperature scaling", "temperature": 40.0, "fitted_on": "test"}, flat)
+    image = tmp_path / "digit.png"
+    Image.fromarray(mnist.test_images[0].numpy()).save(image)
+    table = run_cli("predict", "-c", flat, image)
+    as_json = run_cli("predict", "-c", flat, image, "--json")
+    assert table.returncode == as_json.returncode == 0, table.stderr + as_json.stderr
+    assert "(not sure)" in table.stdout.splitlines()[1]
+    result = json.loads(as_json.stdout)
+    assert result["unsure"] is True and result["confidence"] < 0.8

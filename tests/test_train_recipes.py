@@ -108,6 +108,11 @@ def test_ensemble_reports_members_and_averaged_softmax_and_resumes(mnist, tmp_pa
     assert loaded.model_name == "ensemble" and len(loaded.model.members) == 2
     test_x, test_y = mnist.test_images[:300], mnist.test_labels[:300]
     assert evaluate(loaded.model, test_x, test_y)["accuracy"] == result.metrics["ensemble"]["accuracy"]
+    # Its temperature was fitted on the validation split, and the reported test NLL is the calibrated ensemble's.
+    assert loaded.temperature == result.metrics["calibration"]["temperature"] != 1.0
+    assert "validation split: 200" in loaded.meta["calibration"]["fitted_on"]
+    calibrated_metrics = evaluate(loaded.inference_model, test_x, test_y)
+    assert calibrated_metrics["nll"] == pytest.approx(result.metrics["ensemble"]["nll"], rel=1e-4)
     members = [m for m in loaded.model.members]
     probs = ensemble_probabilities(members, test_x, tta=True)
     assert float((probs.argmax(1) == test_y).double().mean()) == result.metrics["ensemble_tta"]["accuracy"]

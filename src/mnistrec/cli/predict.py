@@ -22,7 +22,7 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
                    ".pth, .pt or .onnx is the checkpoint, as in `mnistrec predict CKPT IMAGE...`)")
     add_checkpoint(p, positional=False)
     p.add_argument("--top-k", type=int, default=3, metavar="K", help="how many most likely digits to list (default: 3)")
-    p.add_argument("--json", action="store_true", help='print JSON Lines: {"path", "digit", "confidence", "probabilities", "top_k"}')
+    p.add_argument("--json", action="store_true", help='print JSON Lines: {"path", "digit", "confidence", "unsure", "probabilities", "top_k"}')
     p.add_argument("--recursive", "-r", action="store_true", help="also look for images in the sub-folders of folders")
     p.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="dark ink on light paper is inverted: auto-detected (default), always (yes) or never (no)")
@@ -37,7 +37,8 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
 
 def _format_prediction(result: dict) -> str:
     top = ", ".join(f"{t['digit']} {100 * t['probability']:.1f}%" for t in result["top_k"])
-    return f"{result['digit']:>6}  {100 * result['confidence']:>9.1f}%  {top}"
+    # Below the calibrated-confidence threshold the line says so (JSON: "unsure": true).
+    return f"{result['digit']:>6}  {100 * result['confidence']:>9.1f}%  {top}" + ("  (not sure)" if result["unsure"] else "")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -72,7 +73,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result))
         elif args.multi:
-            digits = ", ".join(f"{d['digit']} ({100 * d['confidence']:.0f}%)" for d in result["digits"])
+            digits = ", ".join(f"{d['digit']} ({100 * d['confidence']:.0f}%{', not sure' if d['unsure'] else ''})"
+                               for d in result["digits"])
             print(f"{str(item.path):<{width}}  {result['number']:>6}  {digits}")
         else:
             print(f"{str(item.path):<{width}}  {_format_prediction(result)}")
