@@ -264,7 +264,7 @@ def main() -> int:
     if args.child:
         Path(args.out).write_text(json.dumps(measure(args.child, False, args.strokes, args.pauses)))
         return 0
-    from serving import quick_checkpoint, running_server
+    from serving import quick_checkpoint, running_server, server_backend
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint or REPO / "mnist_model.pth")
@@ -291,6 +291,7 @@ def main() -> int:
         "machine": {**info, "load_average_after": [round(v, 2) for v in os.getloadavg()],
                     "note": "shared machine: 2 cores used by several engineers at once; browser and server share them"},
         "setup": {"server": "mnistrec serve --workers 1 (uvicorn), 127.0.0.1", "checkpoint": str(checkpoint),
+                  "backend": server_backend(checkpoint),
                   "checkpoint_note": note, "chromium_args": ARGS, "viewport": "900x820",
                   "strokes_per_mode": args.strokes, "pauses_per_mode": args.pauses,
                   "what": "ms from the pointerup (or the last pointermove before a pause) to the page showing the "

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mnistrec.data import load_split  # noqa: E402
-from serving import cpu_seconds, machine, quick_checkpoint, rss_mb, running_server, user_png  # noqa: E402
+from serving import cpu_seconds, machine, quick_checkpoint, rss_mb, running_server, server_backend, user_png  # noqa: E402
 
 
 def model_name(checkpoint: Path) -> str:
@@ -57,12 +57,14 @@ def model_name(checkpoint: Path) -> str:
 
 
 def reference_ms(checkpoint: Path, bodies: list, kind: str, repeats: int) -> list[float]:
-    """The same work without HTTP, one image at a time in this process: (decode + preprocess +) forward."""
+    """The same work without HTTP, one image at a time in this process: (decode + preprocess +) forward, with the
+    backend the server picks by default (--backend auto: onnxruntime for a CNN)."""
+    from mnistrec.backends import backend_for
     from mnistrec.checkpoint import load_checkpoint
     from mnistrec.predict import predict_tensors
     from mnistrec.preprocess import open_image, preprocess
 
-    model = load_checkpoint(checkpoint).model
+    model = backend_for(load_checkpoint(checkpoint), "auto")
     times = []
     for i in range(repeats):
         body = bodies[i % len(bodies)]
@@ -231,7 +233,8 @@ def main() -> int:
                             "the load generator runs on the same cores as the server"},
         "setup": {"clients": args.clients, "seconds_per_phase": args.seconds, "max_requests_per_phase": args.max_requests,
                   "server": "mnistrec serve --workers 1 (uvicorn), 127.0.0.1",
-                  "checkpoint": str(checkpoint), "model": model_name(checkpoint), "checkpoint_note": note},
+                  "checkpoint": str(checkpoint), "model": model_name(checkpoint), "checkpoint_note": note,
+                  "backend": server_backend(checkpoint)},
         "sequential": one_at_a_time,
         "phases": phases,
     }

@@ -32,6 +32,15 @@ def machine() -> dict:
     return {**machine_info(), "load_average_1m": os.getloadavg()[0]}
 
 
+def server_backend(checkpoint: Path) -> str:
+    """What `mnistrec serve CHECKPOINT` runs the model with by default (--backend auto), e.g. "onnx" for a CNN."""
+    from mnistrec.backends import resolve_backend
+    from mnistrec.checkpoint import load_checkpoint
+
+    name = load_checkpoint(checkpoint).model_name
+    return f"{resolve_backend('auto', name)} ({name}, --backend auto)"
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process from /proc (Linux), in MiB."""
     for line in open(f"/proc/{pid}/status"):
