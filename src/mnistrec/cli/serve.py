@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from ..errors import MnistrecError
 from .common import add_backend, add_checkpoint, checkpoint_path
@@ -26,6 +27,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body in MiB (default: 10; 413 above)")
     p.add_argument("--max-batch", type=int, default=64, help="most images per request (default: 64)")
     p.add_argument("--model-name", default="mnistrec", help="model name in the /v2 protocol (default: mnistrec)")
+    p.add_argument("--collect", metavar="DIR", help="let the page save drawings it got wrong, with the right digit, into "
+                   "DIR/<digit>/ (off by default; `mnistrec finetune --images DIR` learns from them)")
+    p.add_argument("--collect-max", type=int, metavar="N", default=10_000,
+                   help="most images the --collect folder may hold (default: 10000; then 409)")
     add_backend(p, onnx_files=False)
     p.set_defaults(func=cmd_serve)
 
@@ -46,9 +51,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             "--max-request-mb > 0")
     allowed_hosts = default_allowed_hosts(args.host, args.allowed_host or [])
     settings = {"max_request_bytes": int(args.max_request_mb * 1024 * 1024), "max_batch_images": args.max_batch,
-                "model_name": args.model_name, "backend": args.backend, "allowed_hosts": allowed_hosts}
+                "model_name": args.model_name, "backend": args.backend, "allowed_hosts": allowed_hosts,
+                "collect_dir": args.collect, "collect_max_files": args.collect_max}
+    if args.collect_max < 1:
+        raise MnistrecError("--collect-max must be at least 1")
     checkpoint, _ = checkpoint_path(args)
     app = create_app(checkpoint, **settings)  # fails here, with one line, on a bad checkpoint
+    if args.collect:
+        print(f"mnistrec: saving corrections from the page into {args.collect} (at most {args.collect_max})", file=sys.stderr)
     print(f"mnistrec: serving {checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs; Host names answered: "
           f"{', '.join(allowed_hosts)}; add others with --allowed-host)", file=sys.stderr)
     if args.workers == 1:
@@ -58,7 +68,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.update({"MNISTREC_SERVE_CHECKPOINT": str(checkpoint.resolve()),
                        "MNISTREC_SERVE_MAX_REQUEST_BYTES": str(settings["max_request_bytes"]),
                        "MNISTREC_SERVE_MAX_BATCH": str(args.max_batch), "MNISTREC_SERVE_MODEL_NAME": args.model_name,
-                       "MNISTREC_SERVE_BACKEND": args.backend, "MNISTREC_SERVE_ALLOWED_HOSTS": ",".join(allowed_hosts)})
+                       "MNISTREC_SERVE_BACKEND": args.backend, "MNISTREC_SERVE_ALLOWED_HOSTS": ",".join(allowed_hosts),
+                       "MNISTREC_SERVE_COLLECT": str(Path(args.collect).resolve()) if args.collect else "",
+                       "MNISTREC_SERVE_COLLECT_MAX": str(args.collect_max)})
     del app
     uvicorn.run("mnistrec.serve.app:create_app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="warning")

@@ -5,6 +5,7 @@ Routes
   ``POST /api/predict``      one image: multipart file, raw image body, or JSON (base64 ``image`` or 28x28 ``pixels``)
   ``POST /api/predict/batch`` several images, one result (or error) per image
   ``GET /api/health``, ``GET /api/model``   (all four: :mod:`mnistrec.serve.api`)
+  ``/api/corrections``       with ``--collect DIR`` only: save a drawing the model got wrong (:mod:`mnistrec.serve.collect`)
   ``/v2/...``                the Open Inference Protocol (KServe v2), see :mod:`mnistrec.serve.v2`
   ``/docs``, ``/openapi.json`` OpenAPI documentation, its JavaScript served locally
 
@@ -43,7 +44,8 @@ def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = D
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
                batch_wait_ms: float = 1.0, model_name: str = "mnistrec", backend: str = "auto",
                allowed_hosts: Sequence[str] | None = None,
-               decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_BYTES) -> FastAPI:
+               decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_BYTES, collect_dir: str | os.PathLike | None = None,
+               collect_max_files: int | None = None) -> FastAPI:
     """Build the web app for one checkpoint (raises :class:`CheckpointError` if it cannot be loaded).
 
     ``max_request_bytes`` caps a request body (413), ``max_pixels`` an image's
@@ -53,7 +55,8 @@ def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = D
     ``allowed_hosts`` are the ``Host`` header names answered (others get 400; ``None``
     answers any, for in-process use: ``mnistrec serve`` always passes its list, see
     :mod:`mnistrec.serve.hosts`); ``decode_memory_bytes`` bounds the memory of concurrent
-    image decodes (:func:`mnistrec.serve.service.decode_slots`).
+    image decodes (:func:`mnistrec.serve.service.decode_slots`). ``collect_dir`` turns on
+    corrections from the page, saved there (at most ``collect_max_files``; see :mod:`mnistrec.serve.collect`).
     """
     checkpoint_path = Path(checkpoint_path)
     service = Service(load_checkpoint(checkpoint_path), checkpoint_path, max_pixels, max_batch_images,
@@ -77,6 +80,10 @@ def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = D
     add_pages(app)
     app.include_router(api.make_router(service))
     app.include_router(v2.make_router(service, ERRORS))
+    if collect_dir is not None:
+        from .collect import DEFAULT_MAX_FILES, Collector, make_router
+
+        app.include_router(make_router(Collector(collect_dir, collect_max_files or DEFAULT_MAX_FILES)))
     return app
 
 
@@ -92,4 +99,6 @@ def create_app_from_env() -> FastAPI:
         backend=env.get("MNISTREC_SERVE_BACKEND", "auto"),
         # Run directly under uvicorn without the variable, the server still answers only the loopback names.
         allowed_hosts=env.get("MNISTREC_SERVE_ALLOWED_HOSTS", ",".join(LOOPBACK_NAMES)).split(","),
+        collect_dir=env.get("MNISTREC_SERVE_COLLECT") or None,
+        collect_max_files=int(env["MNISTREC_SERVE_COLLECT_MAX"]) if "MNISTREC_SERVE_COLLECT_MAX" in env else None,
     )

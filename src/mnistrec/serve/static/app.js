@@ -308,6 +308,9 @@ function showResult(result, label) {
     li.setAttribute("aria-label", `${d}: ${pct}`);
   });
   if (result.image) drawSeen(result.image);
+  // For collect.js (corrections, with `serve --collect`): which digit was shown, and for a drawing or a file.
+  document.dispatchEvent(new CustomEvent("mnistrec:prediction",
+    { detail: { digit: result.digit, drawing: label === "your drawing" } }));
 }
 
 function drawSeen(image) {
@@ -336,8 +339,10 @@ function resetResult() {
   statusEl.textContent = "Draw a digit to start.";
   buildBars();
   seen.getContext("2d").clearRect(0, 0, 28, 28);
+  document.dispatchEvent(new CustomEvent("mnistrec:reset"));
 }
 
+window.mnistrecDrawingPng = drawingPng;  // collect.js sends the same PNG the prediction was made from
 buildBars();
 new ResizeObserver(resizeCanvas).observe(canvas);
 window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", render);
