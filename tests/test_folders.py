@@ -117,3 +117,19 @@ def test_bad_folders_are_one_line_errors(tree, tmp_path):
         load_labelled_images(only_bad, cache_dir="")
     with pytest.raises(DataError, match="no such folder or CSV file"):
         list_labelled_files(tmp_path / "nowhere")
+
+
+def test_train_on_a_folder_alone_and_with_mnist(tree, tmp_path, data_dir):
+    from conftest import run_cli
+
+    alone = run_cli("train", "--images", tree, "--epochs", "1", "--limit-test", "200", "--save", "", "--no-plots",
+                    "--out", tmp_path / "alone", "--data-dir", data_dir, "--threads", "1")
+    assert alone.returncode == 0, alone.stderr
+    assert "training on 20 images from" in alone.stderr and "broken.png" in alone.stderr
+    saved = torch.load(tmp_path / "alone" / "model.pth", weights_only=True)
+    assert len(saved["data_checksums"]["images_folder"]) == 64
+    both = run_cli("train", "--images", tree, "--with-mnist", "--epochs", "1", "--limit-train", "2000",
+                   "--limit-test", "200", "--save", "", "--no-plots", "--out", tmp_path / "both", "--data-dir", data_dir,
+                   "--threads", "1")
+    assert both.returncode == 0 and "and MNIST's training images" in both.stderr, both.stderr
+    assert run_cli("train", "--with-mnist").returncode == 2

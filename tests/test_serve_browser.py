@@ -259,6 +259,8 @@ def instrumented(page):
       const log = window.__test = {inFlight: 0, maxInFlight: 0, fetches: 0, marks: []};
       const fetch = window.fetch;
       window.fetch = async (...args) => {
+        // Prediction requests only: collect.js asks /api/corrections once whether corrections are on.
+        if (!String(args[0]).includes("/api/predict")) return fetch(...args);
         log.fetches += 1; log.inFlight += 1; log.maxInFlight = Math.max(log.maxInFlight, log.inFlight);
         try { return await fetch(...args); } finally { log.inFlight -= 1; }
       };

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .data import MNIST
 from .errors import DataError, ImageError, MnistrecError
 from .predict import IMAGE_EXTENSIONS
 
@@ -92,6 +93,29 @@ def _relative(path: Path, root: Path) -> str:
         return path.relative_to(base).as_posix()
     except ValueError:
         return str(path)
+
+
+@dataclass
+class FolderData(MNIST):
+    """:class:`~mnistrec.data.MNIST` whose training images are (or include) a labelled folder's; test stays MNIST's."""
+
+    folder_sha256: str = ""
+
+    def checksums(self) -> dict[str, str]:
+        return {**super().checksums(), "images_folder": self.folder_sha256}
+
+
+def training_data(mnist: MNIST, folder: LabelledImages, with_mnist: bool = False) -> FolderData:
+    """Data for ``mnistrec train --images DIR [--with-mnist]``: the folder's images (first) and MNIST's, or the folder's alone.
+
+    The folder's tensors are stored as ``uint8`` like MNIST's (a rounding of at
+    most 1/510 per pixel), so the training code treats both the same way.
+    """
+    pixels = (folder.images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8)
+    images, labels = pixels, folder.labels
+    if with_mnist:
+        images, labels = torch.cat([pixels, mnist.train_images]), torch.cat([folder.labels, mnist.train_labels])
+    return FolderData(images, labels, mnist.test_images, mnist.test_labels, mnist.data_dir, folder.digest())
 
 
 # --------------------------------------------------------------------------- listing

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from ..errors import MnistrecError
 from .common import add_data_dir, progress
 
 
@@ -47,6 +49,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-test", type=int, metavar="N", help="use only the first N test images (quick runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run where it stopped, with the options it was "
                    "started with (bit-exact: same final weights as an uninterrupted run)")
+    p.add_argument("--images", metavar="DIR", help="train on labelled images instead of MNIST: DIR/0/*.png ... DIR/9/*.png "
+                   "or a CSV of path,label (give it again with --resume); the test set stays MNIST's")
+    p.add_argument("--with-mnist", action="store_true", help="with --images: train on those images and MNIST's together")
     p.add_argument("--no-plots", action="store_true", help="skip drawing the pictures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -72,7 +77,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = make_config(args.recipe or "seed", **overrides)
     run_dir = Path(args.resume or args.out or Path("runs") / config.recipe)
+    if args.with_mnist and not args.images:
+        raise MnistrecError("--with-mnist needs --images DIR")
     data = load_mnist(args.data_dir)
+    if args.images:
+        from ..folders import load_labelled_images, training_data
+
+        folder = load_labelled_images(args.images, on_skip=lambda path, why: print(f"mnistrec: skipped {path}: {why}",
+                                                                                   file=sys.stderr))
+        data = training_data(data, folder, args.with_mnist)
+        print(f"training on {len(folder)} images from {args.images}" + (" and MNIST's training images" if args.with_mnist else ""),
+              file=sys.stderr)
     # Every rank of a torchrun ensemble records the options: it resumes its own members from its own disk.
     if not args.resume and (config.ensemble_size > 1 or final and distributed.is_main_process()):
         write_run_options(run_dir, config, final)
