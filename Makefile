@@ -32,7 +32,7 @@ help:
 	@echo "make lint   ruff check on the whole tree (rules in pyproject.toml)"
 	@echo "make benchmarks   run the benchmarks (minutes; writes benchmarks/results/*.json)"
 	@echo "make bench-recipes   accuracy vs time of every training recipe (tens of minutes)"
-	@echo "make default-model   train, calibrate and write src/mnistrec/default_model.pth (~20 min)"
+	@echo "make default-model   train, calibrate and write src/mnistrec/default_model.pth and .onnx (~20 min)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,8 @@ default-model: setup data
 	@[ -f $(DEFAULT_RUN)/model.pth ] || $(PY) -m mnistrec train --recipe best --val-size 5000 --seed 42 --threads 1 \
 		--data-dir "$(DATA_DIR)" --out $(DEFAULT_RUN) --save '' --no-plots
 	$(PY) tools/make_default_model.py $(DEFAULT_RUN)/model.pth --data-dir "$(DATA_DIR)"
+	@# Shipped beside it so the default `auto` backend runs it on onnxruntime without exporting first.
+	$(PY) -m mnistrec export src/mnistrec/default_model.pth --format onnx -o src/mnistrec/default_model.onnx
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -8,6 +8,7 @@ import torch
 from mnistrec import backends, export
 from mnistrec.backends import OnnxBackend, TorchBackend, backend_for, load_backend, resolve_backend
 from mnistrec.checkpoint import load_checkpoint, save_checkpoint
+from mnistrec.data import to_float
 from mnistrec.errors import MnistrecError
 from mnistrec.models import create_model
 
@@ -48,3 +49,39 @@ def test_auto_runs_a_cnn_on_onnxruntime_and_caches_the_export(cnn_checkpoint, mo
 
 def test_auto_keeps_the_mlp_on_torch(mlp_checkpoint):
     assert isinstance(load_backend(mlp_checkpoint), TorchBackend)
+
+
+def test_an_export_beside_its_checkpoint_is_used_and_a_stale_one_ignored(cnn_checkpoint, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ckpt = tmp_path / "model.pth"
+    ckpt.write_bytes(cnn_checkpoint.read_bytes())
+    export.export_checkpoint(ckpt, "onnx")  # writes model.onnx beside it, recording the checkpoint's SHA-256
+    assert (tmp_path / "model.onnx").is_file()
+    real_export = export.onnx_model_proto
+    monkeypatch.setattr(export, "onnx_model_proto", lambda *a, **k: pytest.fail("exported although model.onnx fits"))
+    beside = load_backend(ckpt)
+    assert isinstance(beside, OnnxBackend) and beside.session is not None
+    assert not (tmp_path / "cache").exists()  # nothing exported, nothing cached
+    # Retrain-in-place: new weights under the same name. The old model.onnx must not answer for them.
+    torch.manual_seed(1)
+    save_checkpoint(ckpt, "cnn-lite", {}, create_model("cnn-lite").eval())
+    exported = []
+    monkeypatch.setattr(export, "onnx_model_proto", lambda *a, **k: exported.append(1) or real_export(*a, **k))
+    fresh = load_backend(ckpt)
+    assert exported == [1]
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    reference = TorchBackend(load_checkpoint(ckpt).inference_model, "cnn-lite").predict_logits(x)
+    assert (fresh.predict_logits(x) - reference).abs().max() < 1e-4
+    assert (beside.predict_logits(x) - reference).abs().max() > 1e-3  # it really was the other model
+
+
+def test_the_shipped_model_comes_with_its_onnx_export(monkeypatch, tmp_path, mnist):
+    from mnistrec.checkpoint import default_checkpoint
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(export, "onnx_model_proto", lambda *a, **k: pytest.fail("the shipped model was exported again"))
+    backend = load_backend(default_checkpoint())
+    assert isinstance(backend, OnnxBackend) and backend.model_name == "cnn-wide"
+    x = to_float(mnist.test_images[:500])
+    reference = TorchBackend(load_checkpoint(default_checkpoint()).inference_model, "cnn-wide").predict_logits(x)
+    assert (backend.predict_logits(x) - reference).abs().max() < 1e-4  # calibrated logits, same as PyTorch's

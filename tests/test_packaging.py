@@ -69,7 +69,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_the_shipped_model_and_the_pages_files(wheel):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        assert "mnistrec/default_model.pth" in names
+        assert "mnistrec/default_model.pth" in names and "mnistrec/default_model.onnx" in names
         assert archive.read("mnistrec/default_model.pth") == (REPO / "src/mnistrec/default_model.pth").read_bytes()
         for name in STATIC:
             assert f"mnistrec/serve/static/{name}" in names, name

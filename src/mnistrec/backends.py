@@ -11,15 +11,20 @@ model, anything else a PyTorch checkpoint):
 * ``torch``: a ``.pth`` checkpoint (ours or a seed-style bare ``state_dict``).
 * ``onnx``: an exported ``.onnx`` file, or a ``.pth`` checkpoint, which is then
   exported in memory first (a few seconds with the ``torch.export`` exporter; export
-  once with ``mnistrec export`` to start fast).
+  once with ``mnistrec export`` to start fast: an ``X.onnx`` written by it beside
+  ``X.pth`` is used directly, see below).
 
 ``auto`` (the default of ``predict``, ``evaluate`` and ``serve``) picks by what was
 measured (``benchmarks/bench_inference.py``): onnxruntime runs the CNNs several times
 faster than eager PyTorch, while the MLP is as fast in PyTorch. So ``auto`` is
 ``onnx`` for an ``.onnx`` file, and for a checkpoint of any model but the MLP when
 onnxruntime and the exporter are installed; ``torch`` otherwise. The in-memory
-export takes seconds, so it is cached (``$XDG_CACHE_HOME/mnistrec/onnx/``, keyed
-by the checkpoint's bytes, the torch version and the opset) and paid once per checkpoint.
+export takes seconds, so it is avoided where it can be: an ``X.onnx`` beside ``X.pth``
+whose metadata names the SHA-256 of exactly that checkpoint's bytes (what
+``mnistrec export`` records) is used as it is (the shipped default model comes with
+one, so a new user's first ``predict`` pays no export); a stale one is ignored. Otherwise
+the export is cached (``$XDG_CACHE_HOME/mnistrec/onnx/``, keyed by the checkpoint's
+bytes, the torch version and the opset) and paid once per checkpoint.
 
 Both return calibrated logits: a checkpoint's temperature (:mod:`mnistrec.calibration`)
 is applied by the torch backend and folded into the graph of an ONNX export.
@@ -38,6 +43,7 @@ from torch import nn
 
 from .checkpoint import LoadedModel, load_checkpoint
 from .errors import CheckpointError, MnistrecError
+from .fileio import atomic_write, file_sha256
 from .onnx_session import OnnxBackend
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -100,11 +106,19 @@ def load_backend(path: str | os.PathLike, backend: str = "auto") -> Backend:
 
 
 def backend_for(loaded: LoadedModel, backend: str = "auto") -> Backend:
-    """Run an already loaded checkpoint with ``backend`` (for ``onnx``, exported in memory first, or from the cache)."""
+    """Run an already loaded checkpoint with ``backend``.
+
+    For ``onnx``: the checkpoint's own ``.onnx`` beside it if it was exported from these bytes, else the
+    cached export, else an export in memory (then cached).
+    """
     backend = resolve_backend(backend, loaded.model_name)
     if backend == "torch":
         return TorchBackend(loaded.inference_model, loaded.model_name)
-    cache = _export_cache_path(loaded)
+    digest = file_sha256(loaded.path) if loaded.path is not None and Path(loaded.path).is_file() else None
+    sidecar = _sidecar_export(Path(loaded.path), digest) if digest else None
+    if sidecar is not None:
+        return sidecar
+    cache = _export_cache_path(digest, loaded.temperature) if digest else None
     if cache is not None and cache.is_file():
         return OnnxBackend.from_bytes(str(cache), str(loaded.path or "<memory>"))
     from .export import export_metadata, onnx_model_proto  # onnx and its exporter: only for this backend
@@ -117,25 +131,29 @@ def backend_for(loaded: LoadedModel, backend: str = "auto") -> Backend:
     return OnnxBackend.from_bytes(data, str(loaded.path or "<memory>"))
 
 
-def _export_cache_path(loaded: LoadedModel) -> Path | None:
-    """Where the ONNX export of this checkpoint file is cached (None for a model with no file)."""
-    if loaded.path is None or not Path(loaded.path).is_file():
+def _sidecar_export(checkpoint: Path, digest: str) -> OnnxBackend | None:
+    """``X.onnx`` beside ``X.pth`` when it was exported from exactly these bytes (else None: stale or foreign)."""
+    path = checkpoint.with_suffix(".onnx")
+    if path == checkpoint or not path.is_file():
         return None
+    try:
+        backend = OnnxBackend.from_bytes(str(path), str(path))
+    except CheckpointError:
+        return None  # an unreadable sidecar only costs the export it would have saved
+    return backend if backend.metadata.get("mnistrec.source_sha256") == digest else None
+
+
+def _export_cache_path(digest: str, temperature: float) -> Path:
+    """Where the ONNX export of the checkpoint file with SHA-256 ``digest`` is cached."""
     from .export import OPSET
 
-    digest = hashlib.sha256()
-    with open(loaded.path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(f"{torch.__version__}|{OPSET}|{loaded.temperature}".encode())
+    key = hashlib.sha256(f"{digest}|{torch.__version__}|{OPSET}|{temperature}".encode()).hexdigest()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "mnistrec" / "onnx" / f"{digest.hexdigest()[:32]}.onnx"
+    return base / "mnistrec" / "onnx" / f"{key[:32]}.onnx"
 
 
 def _store(path: Path, data: bytes) -> None:
     """Write the cache file atomically; a cache that cannot be written only costs the next export."""
-    from .fileio import atomic_write
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda fh: fh.write(data))

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .fileio import atomic_write
+from .fileio import atomic_write, file_sha256
 from .onnx_session import OnnxBackend
 from .errors import MnistrecError
 
@@ -145,7 +145,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.Pat
     if out.resolve() == Path(checkpoint).resolve():
         raise MnistrecError(f"refusing to overwrite the checkpoint {checkpoint} with its export; choose another -o")
     model = loaded.inference_model  # logits / T: the temperature becomes part of the graph
-    meta = export_metadata(loaded.model_name, loaded.model_kwargs, source=Path(checkpoint).name, temperature=loaded.temperature,
+    # source_sha256 lets the ``auto`` backend use this file in place of exporting ``checkpoint`` again.
+    meta = export_metadata(loaded.model_name, loaded.model_kwargs, source=Path(checkpoint).name,
+                           source_sha256=file_sha256(checkpoint), temperature=loaded.temperature,
                            **({"opset": str(opset)} if fmt == "onnx" else {}))
     samples = [_example_batch(8, 1), _example_batch(1, 2)]  # another batch size than the one exported with
     if fmt == "onnx":
