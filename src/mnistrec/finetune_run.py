@@ -10,7 +10,6 @@ MNIST test accuracy before and after.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import CheckpointError, MnistrecError
+from .fileio import file_sha256
 from .finetune import FinetuneConfig, Finetuner
 
 OPTIONS = "finetune.json"
@@ -35,14 +35,6 @@ class FinetuneResult:
     model_path: Path
     record: dict[str, Any]
     seconds: float
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def holdout_split(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
