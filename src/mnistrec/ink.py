@@ -235,10 +235,11 @@ def find_ink(image: Image.Image | np.ndarray, invert: str = "auto") -> tuple[np.
 
 def _drop_specks(mask: np.ndarray, fraction: float = 0.04) -> np.ndarray:
     """Remove connected components smaller than ``fraction`` of the largest (noise), 8-connected."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    # Labels alone, then sizes by bincount: OpenCV's WithStats variant costs ~10x more (157 vs 16 µs at 140 px).
+    count, labels = cv2.connectedComponents(mask.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
     if count <= 2:  # background and at most one component
         return mask
-    sizes = stats[:, cv2.CC_STAT_AREA].copy()
+    sizes = np.bincount(labels.ravel(), minlength=count)
     keep = sizes >= max(2, fraction * sizes[1:].max())
     keep[0] = False
     return keep[labels]
