@@ -17,6 +17,8 @@ uniform paper is that paper's level); the clean one is several times faster.
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 from PIL import Image
@@ -46,7 +48,7 @@ def quantiles(values: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     """
     flat = values.ravel()
     if flat.size > 2 * _SAMPLE:
-        flat = flat[np.linspace(0, flat.size - 1, _SAMPLE).astype(np.intp)]
+        flat = flat[_sample_index(flat.size)]
     position = np.asarray(q, np.float64) / 100 * (flat.size - 1)
     low = np.floor(position).astype(np.intp)
     high = np.minimum(low + 1, flat.size - 1)
@@ -54,11 +56,23 @@ def quantiles(values: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     return part[low] + (part[high] - part[low]) * (position - low)
 
 
+@functools.lru_cache(maxsize=4)
+def _sample_index(size: int) -> np.ndarray:
+    """The 2**18 evenly spread positions :func:`quantiles` samples from ``size`` values (cached: a photo asks 4 times)."""
+    index = np.linspace(0, size - 1, _SAMPLE).astype(np.intp)
+    index.flags.writeable = False
+    return index
+
+
 def _otsu(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold on values in [0, 1] (maximises the between-class variance)."""
-    # Same bins as np.histogram(values, bins, range=(0, 1)) (1.0 in the last bin), counted without its sort.
-    index = np.minimum((values.ravel() * bins).astype(np.int32), bins - 1)
-    hist = np.bincount(index, minlength=bins).astype(np.float64)
+    # Same bins as np.histogram(values, bins, range=(0, 1)) (1.0 in the last bin), counted without its sort:
+    # integer bin indices (1.0 -> an extra bin, folded into the last), counted by OpenCV, whose 16-bit histogram
+    # with unit-wide bins is exact and ~3x faster than np.bincount (a 12-Mpx photo works on 760k values).
+    index = (values.reshape(1, -1) * bins).astype(np.uint16)
+    hist = cv2.calcHist([index], [0], None, [bins + 1], [0, bins + 1]).ravel().astype(np.float64)
+    hist[bins - 1] += hist[bins]
+    hist = hist[:bins]
     edges = _EDGES if bins == 256 else np.linspace(0.0, 1.0, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
