@@ -30,6 +30,7 @@ import torch
 
 from .data import MNIST
 from .errors import DataError, ImageError, MnistrecError
+from .imagefile import open_source
 from .predict import IMAGE_EXTENSIONS
 
 #: Most images one source may hold (bounded memory: 50,000 × 28 × 28 float32 is 157 MB).
@@ -269,17 +270,12 @@ def load_labelled_images(
 
 
 def _read_file(path: Path) -> bytes:
-    try:
-        size = path.stat().st_size
+    """The file's bytes, refused past ``MAX_FILE_BYTES``; missing or unreadable files as ``open_image`` reports them."""
+    with open_source(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
         if size > MAX_FILE_BYTES:
             raise ImageError(f"file is {size:,} bytes, more than the {MAX_FILE_BYTES:,} allowed")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError("no such file") from None
-    except IsADirectoryError:
-        raise ImageError("is a directory, not an image") from None
-    except OSError as exc:
-        raise ImageError(f"cannot read: {exc.strerror or exc}") from None
+        return fh.read()
 
 
 def _cached(cache: Path, sha: str) -> torch.Tensor | None:

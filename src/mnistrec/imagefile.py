@@ -45,7 +45,7 @@ def decoded_bytes(image: Image.Image) -> int:
     return image.width * image.height * _MODE_BYTES.get(image.mode, 4)
 
 
-def _open_file(source: str | os.PathLike | bytes) -> io.BufferedIOBase:
+def open_source(source: str | os.PathLike | bytes) -> io.BufferedIOBase:
     """A binary file object for a path or bytes; :class:`ImageError` for an empty, missing or unreadable one."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
@@ -128,7 +128,7 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, 
     decoding, before its EXIF rotation and conversions.
     """
     max_bytes = 4 * max_pixels if max_bytes is None else max_bytes
-    with _open_file(source) as fh:
+    with open_source(source) as fh:
         try:
             with warnings.catch_warnings():
                 # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; we enforce our own cap below.
