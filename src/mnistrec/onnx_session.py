@@ -42,6 +42,9 @@ class OnnxBackend:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only; onnxruntime's info lines are not for our users
         options.intra_op_num_threads = threads
+        # onnxruntime's pool threads busy-wait after each run by default: with small batches (a server, one image
+        # at a time) that burned a core the image decodes needed. Idle threads sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own pybind11 classes (InvalidProtobuf, Fail, ...)

@@ -8,6 +8,7 @@ here are also the OpenAPI document.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
@@ -86,16 +87,23 @@ class BatchJSON(BaseModel):
                                  description="N x 28 x 28 floats in [0, 1], ink = 1")
 
 
+@dataclass(frozen=True)
 class PredictOptions:
     """The query options of the predict routes."""
 
-    def __init__(
-        self,
-        top_k: int = Query(3, ge=1, le=10, description="how many of the likeliest digits to list"),
-        invert: Invert = Query("auto", description="polarity of image files: auto-detect, or force"),
-        include_image: bool = Query(False, description="also return the 28x28 image(s) the model saw"),
-    ) -> None:
-        self.top_k, self.invert, self.include_image = top_k, invert, include_image
+    top_k: int
+    invert: Invert
+    include_image: bool
+
+
+async def predict_options(
+    top_k: int = Query(3, ge=1, le=10, description="how many of the likeliest digits to list"),
+    invert: Invert = Query("auto", description="polarity of image files: auto-detect, or force"),
+    include_image: bool = Query(False, description="also return the 28x28 image(s) the model saw"),
+) -> PredictOptions:
+    # async on purpose: FastAPI runs a plain (sync) dependency in its thread pool, a thread hop per request
+    # that cost more server CPU than parsing a 28x28 pixels body (benchmarks/bench_serve_load.py).
+    return PredictOptions(top_k, invert, include_image)
 
 
 class Health(BaseModel):
@@ -190,7 +198,7 @@ def make_router(service: Service) -> APIRouter:
     @router.post("/api/predict", response_model=Prediction, response_model_exclude_none=True, responses=ERRORS,
               openapi_extra=body_doc(PredictJSON, "file", many=False), tags=["predict"])
     async def predict(
-        request: Request, options: PredictOptions = Depends()) -> dict[str, Any]:
+        request: Request, options: PredictOptions = Depends(predict_options)) -> dict[str, Any]:
         """Predict one digit: a multipart ``file``, an ``image/*`` body, or JSON ``{"image": base64}`` /
         ``{"pixels": 28x28 floats in [0, 1]}``. Returns the schema of ``mnistrec predict --json``."""
         sources = await _read_sources(request, service, many=False, max_files=1)
@@ -203,7 +211,7 @@ def make_router(service: Service) -> APIRouter:
     @router.post("/api/predict/batch", response_model=BatchResult, response_model_exclude_none=True, responses=ERRORS,
               openapi_extra=body_doc(BatchJSON, "files", many=True, max_files=service.max_batch_images), tags=["predict"])
     async def predict_batch(
-        request: Request, options: PredictOptions = Depends()) -> dict[str, Any]:
+        request: Request, options: PredictOptions = Depends(predict_options)) -> dict[str, Any]:
         """Predict several images (multipart ``files``, or JSON ``images`` / ``pixels``), at most the batch limit.
         An image that cannot be used gets an ``error`` in its place; the others are still predicted."""
         sources = await _read_sources(request, service, many=True, max_files=service.max_batch_images)
