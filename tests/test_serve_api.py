@@ -479,3 +479,33 @@ def test_serve_cli_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("mnistrec: error:") and "missing.pth" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- small PNGs are preprocessed inline
+
+def _png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", size, 255).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_only_small_pngs_are_preprocessed_on_the_event_loop():
+    from mnistrec.serve.inputs import INLINE_PNG_PIXELS, is_small_png
+
+    assert INLINE_PNG_PIXELS == 256 * 256
+    assert is_small_png(_png((140, 140))) and is_small_png(_png((256, 256)))
+    assert not is_small_png(_png((257, 256)))
+    jpeg = io.BytesIO()
+    Image.new("L", (20, 20), 255).save(jpeg, "JPEG")
+    assert not is_small_png(jpeg.getvalue())  # other formats always go to the thread pool
+    assert not is_small_png(_png((140, 140))[:20])  # too short to hold the header
+
+
+def test_small_png_errors_on_the_inline_route_are_one_line_4xx(client, model, digits):
+    png = user_png(digits[0][3])
+    response = client.post("/api/predict", content=png, headers={"content-type": "image/png"})
+    assert response.status_code == 200 and response.json()["digit"] == expected_for_file(model, png)["digit"]
+    assert_error(client.post("/api/predict", content=png[: len(png) // 2], headers={"content-type": "image/png"}),
+                 422, "truncated")
+    assert_error(client.post("/api/predict", content=_png((140, 140)), headers={"content-type": "image/png"}),
+                 422, "no ink")

@@ -16,16 +16,17 @@ BOX, FIELD, CENTRE = 20, 28, 14.0
 STROKE_MIN, STROKE_TARGET = 1.1, 1.8
 
 
-def _distance_to_zero(mask: np.ndarray) -> np.ndarray:
-    """Exact Euclidean distance of each True pixel to the nearest False one (as scipy's distance_transform_edt).
+def _distance_to_zero(mask: np.ndarray, precision: int = cv2.DIST_MASK_PRECISE) -> np.ndarray:
+    """Euclidean distance of each True pixel to the nearest False one: exact (as scipy's distance_transform_edt)
+    with the default ``precision``; ``cv2.DIST_MASK_5`` is a 5x5 chamfer approximation (within ~2 %), 5x faster.
 
     A mask with no False pixel has no distance to measure: it is padded with a
     False border first (scipy would return distances to nothing).
     """
     if mask.all():
         padded = np.pad(mask, 1)
-        return cv2.distanceTransform(padded.view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
-    return cv2.distanceTransform(np.ascontiguousarray(mask).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        return cv2.distanceTransform(padded.view(np.uint8), cv2.DIST_L2, precision)[1:-1, 1:-1]
+    return cv2.distanceTransform(np.ascontiguousarray(mask).view(np.uint8), cv2.DIST_L2, precision)
 
 
 def _stroke_width(mask: np.ndarray) -> float:
@@ -38,7 +39,9 @@ def _stroke_width(mask: np.ndarray) -> float:
     if min(mask.shape) >= 3:
         # cv2's 3×3 median and max replicate the border, as scipy's "reflect" does for a radius of 1.
         mask = mask | cv2.medianBlur(mask.view(np.uint8), 3).view(bool)
-    edt = _distance_to_zero(mask)
+    # A mean over the ridge does not need exact distances: the chamfer approximation costs 33 instead of 162 µs
+    # on a 140-px canvas (the largest single cost of a drawing's preprocessing).
+    edt = _distance_to_zero(mask, cv2.DIST_MASK_5)
     ridge = mask & (edt >= cv2.dilate(edt, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE))
     return float(2 * edt[ridge].mean() - 1) if ridge.any() else 1.0
 

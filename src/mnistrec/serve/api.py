@@ -1,7 +1,8 @@
 """The ``/api`` routes: predict one image or a batch (multipart, raw image or JSON), health, model facts.
 
-Image decoding runs in the thread pool (:meth:`Service.decode`) and inference
-in the micro-batcher's thread, so the event loop only moves bytes. The schemas
+Image decoding runs in the thread pool (:meth:`Service.decode`), except for a
+small PNG such as the page's canvas (about a millisecond of work, less than the
+thread hop costs), and inference runs in the micro-batcher's thread. The schemas
 here are also the OpenAPI document.
 """
 
@@ -18,7 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from ..errors import MnistrecError
-from .inputs import InputError, decode_base64, image_to_tensor, pixels_to_tensor
+from .inputs import InputError, decode_base64, image_to_tensor, is_small_png, pixels_to_tensor
 from .service import ERRORS, MAX_BATCH_LIMIT, Service
 
 IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream")
@@ -202,9 +203,10 @@ def make_router(service: Service) -> APIRouter:
         """Predict one digit: a multipart ``file``, an ``image/*`` body, or JSON ``{"image": base64}`` /
         ``{"pixels": 28x28 floats in [0, 1]}``. Returns the schema of ``mnistrec predict --json``."""
         sources = await _read_sources(request, service, many=False, max_files=1)
-        if sources[0][2] is not None:  # 784 numbers: cheaper here than a thread hop
+        _, data, pixels = sources[0]
+        if pixels is not None or isinstance(data, bytes) and is_small_png(data):  # cheaper here than a thread hop
             x = _to_tensor(sources[0], service, options.invert)
-        else:  # decoding and preprocessing an image file take milliseconds: off the event loop
+        else:  # a bigger image takes milliseconds to decode and preprocess: off the event loop
             x = await service.decode(_to_tensor, sources[0], service, options.invert)
         return (await service.predict(x.unsqueeze(0), options.top_k, options.include_image))[0]
 

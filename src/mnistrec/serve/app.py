@@ -10,8 +10,8 @@ Routes
   ``/docs``, ``/openapi.json`` OpenAPI documentation, its JavaScript served locally
 
 Every bad input is a 4xx JSON ``{"detail": "one line"}`` (:mod:`mnistrec.serve.service`).
-Image decoding runs in the thread pool and inference in the micro-batcher's thread,
-so the event loop only moves bytes.
+Image decoding runs in the thread pool (a small PNG such as the page's canvas: inline) and inference in the
+micro-batcher's thread, so the event loop never waits on a big upload or on the model.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ DEFAULT_MAX_BATCH_IMAGES = 64
 
 def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
-               batch_wait_ms: float = 1.0, model_name: str = "mnistrec", backend: str = "auto",
+               batch_wait_ms: float = 0.0, model_name: str = "mnistrec", backend: str = "auto",
                allowed_hosts: Sequence[str] | None = None,
                decode_memory_bytes: int = DEFAULT_DECODE_MEMORY_BYTES, collect_dir: str | os.PathLike | None = None,
                collect_max_files: int | None = None) -> FastAPI:
@@ -50,7 +50,8 @@ def create_app(checkpoint_path: str | os.PathLike, *, max_request_bytes: int = D
 
     ``max_request_bytes`` caps a request body (413), ``max_pixels`` an image's
     decoded size, ``max_batch_images`` the images per request; ``batch_wait_ms`` is
-    how long the micro-batcher waits to group concurrent requests; ``backend``
+    how long the micro-batcher waits for more requests before a forward pass (0: none; requests that
+    arrive during a forward pass still share the next); ``backend``
     (``auto``, ``torch`` or ``onnx``) is the inference engine (see :mod:`mnistrec.backends`).
     ``allowed_hosts`` are the ``Host`` header names answered (others get 400; ``None``
     answers any, for in-process use: ``mnistrec serve`` always passes its list, see

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import struct
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,24 @@ def image_to_tensor(data: bytes, max_pixels: int, invert: str = "auto") -> torch
     if not data:
         raise InputError("the image file is empty")
     return preprocess(open_image(data, max_pixels=max_pixels, draft=True), invert=invert)
+
+
+#: A PNG up to this many pixels (the page's 140x140 canvas is 19,600) is preprocessed on the event loop: ~1 ms of
+#: work, less than the hop to a worker thread and back costs in latency (~0.3 ms measured per request).
+INLINE_PNG_PIXELS = 256 * 256
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_small_png(data: bytes) -> bool:
+    """Whether ``data`` is a PNG whose header declares at most :data:`INLINE_PNG_PIXELS` pixels.
+
+    Only a routing decision: the decoder reads the same IHDR chunk, so the picture it
+    decodes is no larger, and :func:`image_to_tensor` still checks every limit.
+    """
+    if len(data) < 24 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return False
+    width, height = struct.unpack(">II", data[16:24])
+    return width * height <= INLINE_PNG_PIXELS
 
 
 def pixels_to_tensor(values: Any, scale: float = 1.0, what: str = "pixels") -> torch.Tensor:
