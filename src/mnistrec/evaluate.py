@@ -24,25 +24,32 @@ def predict_logits(model: nn.Module | Backend, images: torch.Tensor, batch_size:
     Only one batch is converted to float at a time, so memory stays bounded;
     ``progress`` shows a tqdm bar (in images) when there is more than one batch.
     """
-    from tqdm.auto import tqdm
-
     is_module = isinstance(model, nn.Module)
     was_training = model.training if is_module else False
     if is_module:
         model.eval()
     run = model if is_module else model.predict_logits
     outputs = []
-    with tqdm(total=len(images), desc="predict", unit="img", unit_scale=True, leave=False,
-              disable=not progress or len(images) <= batch_size) as bar:
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            if batch.dtype == torch.uint8:
-                batch = to_float(batch)
-            outputs.append(run(batch.to(device) if is_module else batch).float().cpu())
+    # No bar at all unless one is shown: even a disabled tqdm costs ~60 µs, a fifth of a served forward pass.
+    bar = _progress_bar(len(images)) if progress and len(images) > batch_size else None
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        if batch.dtype == torch.uint8:
+            batch = to_float(batch)
+        outputs.append(run(batch.to(device) if is_module else batch).float().cpu())
+        if bar is not None:
             bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     if is_module:
         model.train(was_training)
     return torch.cat(outputs) if outputs else torch.empty(0, 10)
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="predict", unit="img", unit_scale=True, leave=False)
 
 
 def confusion_matrix(targets: torch.Tensor, predictions: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
