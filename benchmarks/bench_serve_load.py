@@ -18,7 +18,7 @@ another on one keep-alive connection, PNG and pixels alternating (so both see
 the same machine load): ``png_over_pixels_p50`` is what a canvas PNG costs
 relative to 28x28 pixels (issue 15's bar: <= 1.5).
 
-    python benchmarks/bench_serve_load.py [--checkpoint mnist_model.pth] [--clients 16] [--seconds 30]
+    python benchmarks/bench_serve_load.py [--checkpoint mnist_model.pth] [--clients 16] [--seconds 30] [--workers 1]
 
 Without a checkpoint it trains the seed model for one epoch on 6,000 images
 first: latency depends on the architecture, not on how well it is trained.
@@ -229,6 +229,7 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=200_000, help="stop after this many requests, whatever the time")
     parser.add_argument("--requests", default="png,pixels", help="phases to run, comma-separated: png, pixels")
     parser.add_argument("--sequential", type=int, default=300, help="single requests of each kind, one at a time (0: skip)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (mnistrec serve --workers N; default 1)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_load.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,7 +250,7 @@ def main() -> int:
         references = {kind: reference_ms(checkpoint, bodies[kind], kind, 300) for kind in kinds}
 
         phases, one_at_a_time = {}, None
-        with running_server(checkpoint, Path(tmp) / "serve.log") as (url, server):
+        with running_server(checkpoint, Path(tmp) / "serve.log", args=["--workers", str(args.workers)]) as (url, server):
             if args.sequential:
                 one_at_a_time = sequential(url, bodies, args.sequential)
             for kind in kinds:
@@ -264,6 +265,8 @@ def main() -> int:
                 health_after = httpx.get(url + "/api/health").json()
                 phases[kind] = phase_report(kind, result, health_before, health_after, rss_before, rss_after,
                                             references[kind])
+                if args.workers > 1:  # /api/health counts one worker's requests: whichever answered
+                    phases[kind]["batching"] = {"note": "not measured: each worker process counts its own"}
 
     report = {
         "benchmark": "serve_load",
@@ -273,7 +276,7 @@ def main() -> int:
                             "the load generator runs on the same cores as the server "
                             "(a lean asyncio HTTP/1.1 client: see client_cpu_ms_per_request)"},
         "setup": {"clients": args.clients, "seconds_per_phase": args.seconds, "max_requests_per_phase": args.max_requests,
-                  "server": "mnistrec serve --workers 1 (uvicorn), 127.0.0.1",
+                  "server": f"mnistrec serve --workers {args.workers} (uvicorn), 127.0.0.1",
                   "load_client": "16 keep-alive connections, one request at a time each (bench_serve_load.Connection)",
                   "checkpoint": str(checkpoint), "model": model_name(checkpoint), "checkpoint_note": note,
                   "backend": server_backend(checkpoint)},

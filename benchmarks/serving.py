@@ -41,18 +41,42 @@ def server_backend(checkpoint: Path) -> str:
     return f"{resolve_backend('auto', name)} ({name}, --backend auto)"
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (uvicorn's worker processes under ``--workers N``), from /proc (Linux)."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        for task in Path(f"/proc/{pids[index]}/task").glob("*/children"):
+            try:
+                pids += [int(child) for child in task.read_text().split()]
+            except OSError:  # the task ended while we looked
+                pass
+        index += 1
+    return pids
+
+
 def rss_mb(pid: int) -> float:
-    """Resident memory of a process from /proc (Linux), in MiB."""
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    """Resident memory of a process and its descendants from /proc (Linux), in MiB."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            for line in open(f"/proc/{member}/status"):
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used, from /proc (Linux)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time a process and its descendants have used, from /proc (Linux)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = open(f"/proc/{member}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
