@@ -509,3 +509,12 @@ def test_small_png_errors_on_the_inline_route_are_one_line_4xx(client, model, di
                  422, "truncated")
     assert_error(client.post("/api/predict", content=_png((140, 140)), headers={"content-type": "image/png"}),
                  422, "no ink")
+
+
+def test_the_server_process_switches_the_gil_every_half_millisecond(app):
+    # CPython's 5 ms default left the batcher thread waiting on the event loop (benchmarks/bench_serve_load.py).
+    import sys
+
+    from mnistrec.serve.service import GIL_SWITCH_SECONDS
+
+    assert app.state.service is not None and sys.getswitchinterval() == pytest.approx(GIL_SWITCH_SECONDS) == 0.0005
