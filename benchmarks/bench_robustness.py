@@ -52,6 +52,12 @@ from machine import machine_info  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def repo_relative(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (the JSON is committed: no machine's paths)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(RESULTS.parents[1])) if resolved.is_relative_to(RESULTS.parents[1]) else str(path)
+
+
 def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array, mode=mode).save(buffer, "PNG", **save)
@@ -285,7 +291,7 @@ def main() -> int:
     result = {
         "benchmark": "robustness",
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": repo_relative(args.checkpoint),
         "model": loaded.model_name,
         "recipe": (loaded.meta.get("config") or {}).get("recipe"),
         "model_test_accuracy": (loaded.meta.get("metrics") or {}).get("accuracy"),
