@@ -18,6 +18,7 @@ uniform paper is that paper's level); the clean one is several times faster.
 from __future__ import annotations
 
 import functools
+import math
 
 import cv2
 import numpy as np
@@ -47,11 +48,14 @@ def quantiles(values: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     flat = values.ravel()
     if flat.size > 2 * _SAMPLE:
         flat = flat[_sample_index(flat.size)]
-    position = np.asarray(q, np.float64) / 100 * (flat.size - 1)
-    low = np.floor(position).astype(np.intp)
-    high = np.minimum(low + 1, flat.size - 1)
-    part = np.partition(flat, np.unique(np.concatenate([low, high])))
-    return part[low] + (part[high] - part[low]) * (position - low)
+    # Positions in Python floats, not small numpy arrays: the same float64 arithmetic as np.percentile's, without
+    # ~20 µs of array overhead per call (four calls per picture).
+    last = flat.size - 1
+    positions = [p / 100 * last for p in q]
+    lows = [math.floor(p) for p in positions]
+    part = np.partition(flat, sorted({k for low in lows for k in (low, min(low + 1, last))}))
+    return np.array([float(part[low]) + float(part[min(low + 1, last)] - part[low]) * (p - low)
+                     for p, low in zip(positions, lows)])
 
 
 @functools.lru_cache(maxsize=4)
