@@ -185,7 +185,11 @@ def test_decode_slots_follow_the_memory_budget():
 
 
 def test_concurrent_decodes_wait_for_a_slot(mlp_checkpoint, monkeypatch):
-    """With a budget for one decode, a second image waits in the limiter while the first is held in its decoder."""
+    """With a budget for one decode, a second image waits in the limiter while the first is held in its decoder.
+
+    The picture is bigger than INLINE_PNG_PIXELS: a small PNG (the page's canvas) is preprocessed on the event
+    loop in about a millisecond and never queues for a decode slot.
+    """
     from mnistrec.serve import api
 
     app = create_app(mlp_checkpoint, allowed_hosts=["127.0.0.1"], decode_memory_bytes=1)
@@ -201,10 +205,13 @@ def test_concurrent_decodes_wait_for_a_slot(mlp_checkpoint, monkeypatch):
         return decode(*args, **kwargs)
 
     monkeypatch.setattr(api, "image_to_tensor", held_decode)
-    page = Image.new("L", (64, 64), 255)
-    page.paste(0, (20, 10, 40, 54))
+    from mnistrec.serve.inputs import INLINE_PNG_PIXELS, is_small_png
+
+    page = Image.new("L", (320, 320), 255)
+    page.paste(0, (100, 50, 200, 270))
     png = io.BytesIO()
     page.save(png, "PNG")
+    assert 320 * 320 > INLINE_PNG_PIXELS and not is_small_png(png.getvalue())
     results: list[int] = []
 
     def post(server: LiveServer) -> None:
