@@ -168,8 +168,10 @@ def main() -> None:
             "onnx_opset": OPSET,
             "load_average_before": load_before,
             "load_average_after": load_average(),
-            "note": "shared machine: up to six engineers ran builds, tests and trainings on these 2 cores at the "
-                    "same time, so absolute numbers are pessimistic and noisy; the ratios are measured in one run",
+            "note": ("quiet: the 1-minute load average was below the core count before the run"
+                     if load_before[0] < (os.cpu_count() or 1) else
+                     "shared: other jobs were running (load average at or above the core count before the run), so "
+                     "absolute numbers are pessimistic and noisy; the ratios are measured in one run"),
         },
         "method": "untrained weights (speed does not depend on them), random [N,1,28,28] float input, "
                   "through mnistrec.backends predict_logits (what evaluate/predict/serve call); throughput is the best "
