@@ -208,7 +208,8 @@ def _clean_signal(grey: np.ndarray, invert: str) -> np.ndarray | None:
     polarity contradicts the measured one (the paper is then the "ink"). Soft,
     blurred strokes on clean paper take this route too: the full route's lighting
     surface is flat there, and the robustness benchmark scored every row the same
-    either way (1,000 digits per row, benchmarks/results/robustness.json).
+    or higher once they did (1,000 digits per row: robustness_clean_route_before.json
+    against robustness.json in benchmarks/results/).
     """
     paper = _clean_paper(grey)
     if paper is None:
