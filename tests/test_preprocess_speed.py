@@ -64,9 +64,71 @@ def test_clean_route_gives_the_full_routes_ink(files, mnist, monkeypatch):
     fast = [preprocess(p) for p in pictures]
     assert all(ink._clean_signal(ink.to_grey(p), "auto") is not None for p in pictures)
     monkeypatch.setattr(ink, "_clean_signal", lambda grey, invert: None)
+    monkeypatch.setattr(ink, "_clean_ink_of_levels", lambda levels, invert: None)  # the same route, on 256 levels
     full = [preprocess(p) for p in pictures]
     for a, b in zip(fast, full):
         assert float((a - b).abs().max()) < 0.1
+
+
+def canvas_like(rng: np.random.Generator) -> Image.Image:
+    """An 8-bit picture the clean route may take: strokes of random grey on random paper, sometimes blurred or noisy."""
+    h, w = rng.integers(8, 150, size=2)
+    paper, ink_level = rng.integers(0, 256, size=2)
+    page = np.full((h, w), paper, np.float32)
+    for _ in range(rng.integers(0, 4)):
+        y, x = rng.integers(0, h), rng.integers(0, w)
+        page[y : y + rng.integers(1, h), x : x + rng.integers(1, 12)] = ink_level
+        page[y : y + rng.integers(1, 12), x : x + rng.integers(1, w)] = ink_level
+    if rng.random() < 0.4:
+        page = ndi.gaussian_filter(page, rng.uniform(0.5, 4))
+    if rng.random() < 0.3:
+        page += rng.normal(0, rng.uniform(0.5, 20), page.shape)
+    return Image.fromarray(np.clip(np.rint(page), 0, 255).astype(np.uint8))
+
+
+def ink_or_error(picture: Image.Image, invert: str) -> tuple[np.ndarray, np.ndarray] | str:
+    try:
+        return ink.find_ink(picture, invert)
+    except ImageError as exc:
+        return str(exc)
+
+
+def test_8bit_route_is_bit_identical_to_the_float_route(mnist, monkeypatch):
+    # An 8-bit picture's clean route works on 256 levels (histograms, lookup tables) instead of float pixels: it must
+    # give the very same soft ink and mask, and the same errors, for every polarity option.
+    rng = np.random.default_rng(7)
+    pictures = [canvas_like(rng) for _ in range(300)]
+    pictures += [Image.fromarray(255 - d).resize((140, 140), Image.BILINEAR) for d in mnist.test_images[:40].numpy()]
+    pictures += [Image.fromarray(d) for d in mnist.test_images[40:80].numpy()]
+    cases = [(p, invert) for p in pictures for invert in ink.INVERT_CHOICES]
+    levels_route = [ink_or_error(p, invert) for p, invert in cases]
+    taken = sum(ink._clean_ink_of_levels(np.asarray(p), invert) is not None
+                for (p, invert), result in zip(cases, levels_route) if not isinstance(result, str))
+    monkeypatch.setattr(ink, "_clean_ink_of_levels", lambda levels, invert: None)
+    float_route = [ink_or_error(p, invert) for p, invert in cases]
+    assert taken > 150  # the comparison is not vacuous (216 of the 1,140 cases when written)
+    assert sum(isinstance(r, str) for r in float_route) > 10  # blank pictures are among the cases
+    for (picture, invert), a, b in zip(cases, levels_route, float_route):
+        if isinstance(a, str) or isinstance(b, str):
+            assert a == b
+        else:
+            assert a[0].dtype == b[0].dtype == np.float32
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]), (picture.size, invert)
+
+
+def test_lanczos_as_matrices_matches_pillow():
+    from mnistrec import field
+
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        h, w = rng.integers(1, 300, size=2)
+        crop = rng.random((h, w)).astype(np.float32)
+        scale = 20 / max(h, w)
+        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+        pillow = np.asarray(Image.fromarray(crop, mode="F").resize((new_w, new_h), Image.Resampling.LANCZOS))
+        ours = field._resize_lanczos(crop, new_h, new_w)
+        assert ours.shape == pillow.shape and ours.dtype == np.float32
+        assert float(np.abs(ours - pillow).max()) < 1e-6  # float32 rounding of the same sums
 
 
 def test_lighting_and_noise_take_the_full_route():

@@ -164,8 +164,8 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, 
 # --------------------------------------------------------------------------- to float greyscale
 
 
-def _pil_to_arrays(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """Greyscale float32 in [0, 1] and alpha (or None), reduced to at most WORK_SIZE on the longer side."""
+def _pil_planes(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """The greyscale plane (mode "L", or "F" in [0, 1]) and the alpha plane (or None), at most WORK_SIZE on the longer side."""
     image = _shrink_for_work(image)
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -184,21 +184,57 @@ def _pil_to_arrays(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         if has_alpha:
             la = image.convert("RGBA").convert("LA")
             image, alpha = la.getchannel("L"), la.getchannel("A")
-        else:
+        elif mode != "L":  # an "L" picture is used as it is (never modified in place)
             image, alpha = image.convert("L"), None
+        else:
+            alpha = None
     if max(image.size) > WORK_SIZE:
         factor = WORK_SIZE / max(image.size)
         size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
         # BOX = area averaging: a thin stroke becomes fainter but never disappears.
         image = image.resize(size, Image.Resampling.BOX)
         alpha = alpha.resize(size, Image.Resampling.BOX) if alpha is not None else None
-    grey = np.asarray(image, dtype=np.float32)
-    if image.mode == "L":
-        grey *= np.float32(1 / 255.0)  # already finite and in [0, 1]
+    return image, alpha
+
+
+def _pil_to_arrays(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """Greyscale float32 in [0, 1] and alpha (or None), reduced to at most WORK_SIZE on the longer side."""
+    plane, alpha = _pil_planes(image)
+    if plane.mode == "L":
+        grey = grey_of_levels(np.asarray(plane))  # already finite and in [0, 1]
     else:
-        grey = np.clip(np.nan_to_num(grey), 0.0, 1.0)
+        grey = np.clip(np.nan_to_num(np.asarray(plane, dtype=np.float32)), 0.0, 1.0)
     a = np.asarray(alpha, dtype=np.float32) / 255.0 if alpha is not None else None
     return grey, a
+
+
+def grey_of_levels(levels: np.ndarray) -> np.ndarray:
+    """An 8-bit plane as :func:`to_grey` reads it: float32 ``levels × float32(1/255)``."""
+    grey = levels.astype(np.float32)
+    grey *= np.float32(1 / 255.0)
+    return grey
+
+
+def grey_levels(image: Image.Image | np.ndarray) -> np.ndarray | None:
+    """The uint8 plane ``L`` when :func:`to_grey` of ``image`` is exactly ``grey_of_levels(L)``, else None.
+
+    That is a PIL picture read as 8-bit grey with nothing to composite (any PNG or
+    JPEG without transparency: the web page's canvas, scans, photos). Statistics of
+    such a picture can be taken over its 256 levels instead of over every pixel.
+    """
+    if not isinstance(image, Image.Image):
+        return None
+    plane, alpha = _pil_planes(image)
+    if plane.mode != "L" or plane.width == 0 or plane.height == 0:
+        return None
+    if alpha is not None and _composited(np.asarray(alpha, dtype=np.float32) / 255.0):
+        return None
+    return np.asarray(plane)
+
+
+def _composited(alpha: np.ndarray) -> bool:
+    """Whether :func:`to_grey` composites this alpha plane (any pixel under 0.99) instead of ignoring it."""
+    return float(alpha.min()) < 0.99
 
 
 def _array_to_arrays(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -259,7 +295,7 @@ def to_grey(image: Image.Image | np.ndarray) -> np.ndarray:
         raise ImageError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
     if grey.size == 0:
         raise ImageError(f"image is {grey.shape[-1] if grey.ndim == 2 else 0}×{grey.shape[0]} pixels, nothing to read")
-    if alpha is not None and float(alpha.min()) < 0.99:
+    if alpha is not None and _composited(alpha):
         if float(alpha.max()) < 0.02:
             raise ImageError("no ink found: the image is fully transparent")
         # The strokes are the opaque part; their colour under a transparent pixel is arbitrary
