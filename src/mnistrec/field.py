@@ -107,15 +107,15 @@ def _resize_lanczos(image: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
 
 def to_field(soft: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     """Crop to the mask's box, fix the stroke width, longer side -> 20 px, centre of mass -> (14, 14) in 28×28."""
-    rows = np.flatnonzero(mask.any(1))
-    cols = np.flatnonzero(mask.any(0))
-    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(mask).view(np.uint8))
+    if w == 0:
+        raise ImageError("no ink found: the image is blank (no stroke differs from the background)")
     # Keep the 1-px anti-aliased rim around the box.
-    top, left = max(0, top - 1), max(0, left - 1)
-    bottom, right = min(mask.shape[0], bottom + 1), min(mask.shape[1], right + 1)
+    top, left = max(0, y - 1), max(0, x - 1)
+    bottom, right = min(mask.shape[0], y + h + 1), min(mask.shape[1], x + w + 1)
     crop, crop_mask = soft[top:bottom, left:right], mask[top:bottom, left:right]
     # The box's size counts the rows and columns that hold ink (a gap inside the box does not count).
-    scale = BOX / max(rows.size, cols.size)
+    scale = BOX / max(int(np.count_nonzero(crop_mask.any(1))), int(np.count_nonzero(crop_mask.any(0))))
     crop = _thicken(crop, crop_mask, scale)
     h, w = crop.shape
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))

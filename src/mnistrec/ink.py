@@ -317,13 +317,17 @@ def _clean_ink_of_levels(levels: np.ndarray, invert: str) -> tuple[np.ndarray, n
     hist = np.bincount(_otsu_bins(np.clip(signal / peak, 0, 1)).ravel(), weights=counts, minlength=257)
     threshold = max(_otsu_threshold(hist) * peak, MIN_CONTRAST / 2)
     mask = _drop_specks(cv2.LUT(levels, (signal > threshold).view(np.uint8)).view(bool))
-    if not mask.any():
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))
+    if w == 0:
         raise ImageError(BLANK)
-    ink_counts = np.bincount(levels[mask], minlength=256)
-    level = max(float(_level_quantiles(signal, ink_counts, (75,), dark)[0]), MIN_CONTRAST)
-    near = cv2.dilate(mask.view(np.uint8), _3x3)
-    soft = cv2.LUT(levels, np.clip(signal / level, 0.0, 1.0))
-    np.multiply(soft, near, out=soft)  # 0 beyond the rim (near is 0 or 1)
+    # The soft ink is 0 beyond the mask's box and its 1-px rim: the rest works within that window.
+    window = (slice(max(y - 1, 0), y + h + 1), slice(max(x - 1, 0), x + w + 1))
+    ink_levels, ink_mask = levels[window], mask[window]
+    level = max(float(_level_quantiles(signal, np.bincount(ink_levels[ink_mask], minlength=256), (75,), dark)[0]),
+                MIN_CONTRAST)
+    soft = np.zeros(levels.shape, np.float32)
+    soft[window] = cv2.LUT(ink_levels, np.clip(signal / level, 0.0, 1.0))
+    soft[window] *= cv2.dilate(ink_mask.view(np.uint8), _3x3)  # near the strokes (the dilated mask is 0 or 1)
     return soft, mask
 
 
