@@ -518,3 +518,17 @@ def test_the_server_process_switches_the_gil_every_half_millisecond(app):
     from mnistrec.serve.service import GIL_SWITCH_SECONDS
 
     assert app.state.service is not None and sys.getswitchinterval() == pytest.approx(GIL_SWITCH_SECONDS) == 0.0005
+
+
+def test_objects_alive_at_startup_are_frozen_for_the_servers_life(mlp_checkpoint):
+    # Full garbage collections over torch's objects stalled a request now and then (~200 ms); the app freezes
+    # what exists at startup and unfreezes on shutdown.
+    import gc
+
+    app = create_app(mlp_checkpoint)
+    gc.unfreeze()  # process-wide: another app of this test session may have frozen objects already
+    assert gc.get_freeze_count() == 0
+    with TestClient(app) as c:
+        assert gc.get_freeze_count() > 10_000  # torch, the model, FastAPI: far more than a bare interpreter
+        assert c.get("/api/health").status_code == 200
+    assert gc.get_freeze_count() == 0
