@@ -87,7 +87,7 @@ INIT_SCRIPT = """
 
 # The PNG the page sends for the drawing on the pad (app.js's drawingPng), base64: the reference's request bodies.
 PNG_SENT = """async () => {
-  const bytes = new Uint8Array(await drawingPng().arrayBuffer());
+  const bytes = new Uint8Array(await (await drawingPng()).arrayBuffer());
   return btoa(Array.from(bytes, (b) => String.fromCharCode(b)).join(""));
 }"""
 

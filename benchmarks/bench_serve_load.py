@@ -187,7 +187,8 @@ def sequential(url: str, bodies: dict, repeats: int) -> dict:
             "target_png_at_most_1.5x_pixels": png["p50_ms"] / pixels["p50_ms"] <= 1.5}
 
 
-REQUESTS = {"png": "POST /api/predict, image/png body: a 140x140 dark-on-white MNIST test digit (what the page sends)",
+REQUESTS = {"png": "POST /api/predict, image/png body: a 140x140 dark-on-white MNIST test digit, an 8-bit grey PNG built "
+                   "as the page builds its drawing (serving.page_png)",
             "pixels": "POST /api/predict, JSON {\"pixels\": 28x28 floats}: no preprocessing"}
 
 

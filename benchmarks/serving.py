@@ -6,12 +6,13 @@ tests that start a real server (``tests/test_serve_browser.py``, ``tests/test_re
 
 from __future__ import annotations
 
-import io
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -86,11 +87,24 @@ def free_port() -> int:
 
 
 def user_png(digit: np.ndarray) -> bytes:
-    """An MNIST digit as a drawing from the web page: dark ink on white, 140x140 PNG."""
-    page = Image.fromarray(255 - digit).resize((140, 140), Image.BILINEAR)
-    buffer = io.BytesIO()
-    page.save(buffer, "PNG")
-    return buffer.getvalue()
+    """An MNIST digit as the web page sends a drawing: dark ink on white, a 140x140 PNG built by :func:`page_png`."""
+    return page_png(np.asarray(Image.fromarray(255 - digit).resize((140, 140), Image.BILINEAR)))
+
+
+def page_png(grey: np.ndarray) -> bytes:
+    """An 8-bit greyscale PNG built as the drawing page builds its own (``drawingPng`` in static/app.js): every row
+    with filter type 0, one zlib stream (the browser's CompressionStream("deflate"), zlib's default level here).
+    tests/test_serve_browser.py checks that the page's PNGs have this format."""
+    height, width = grey.shape
+    rows = np.zeros((height, width + 1), np.uint8)
+    rows[:, 1:] = grey
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes()))
+            + chunk(b"IEND", b""))
 
 
 @contextmanager

@@ -45,7 +45,7 @@ def final_prediction(page, timeout: float = 60.0) -> int:
     """
     expected = page.evaluate("""async () => {
         const r = await fetch('/api/predict', {method: 'POST', headers: {'Content-Type': 'image/png'},
-                                               body: window.mnistrecDrawingPng()});
+                                               body: await window.mnistrecDrawingPng()});
         return (await r.json()).digit;
     }""")
     deadline = time.monotonic() + timeout

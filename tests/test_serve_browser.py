@@ -143,6 +143,42 @@ def test_drawing_a_digit_shows_its_prediction_and_bars(page, request):
     page.screenshot(path=str(ARTIFACTS / f"draw-seven-{scheme}.png"), full_page=True)
 
 
+def test_the_drawing_is_sent_as_an_8_bit_grey_png_with_the_canvass_own_grey(page):
+    # The page encodes its own greyscale PNG (a quarter of the RGBA canvas PNG's pixels to decode on the server);
+    # its levels must be the ones the canvas's RGBA PNG gave after Pillow's conversion to grey. The load benchmark
+    # sends PNGs built the same way (benchmarks/serving.py: page_png), which the format checks below keep true.
+    # Chromium does not hand a Blob body to Playwright's request events: the page's own fetch records it.
+    page.add_init_script("""(() => {
+      const bodies = window.__bodies = [], fetch = window.fetch;
+      window.fetch = async (url, options) => {
+        if (String(url).includes("/api/predict")) bodies.push(Array.from(new Uint8Array(await options.body.arrayBuffer())));
+        return fetch(url, options);
+      };
+    })();""")
+    page.reload()
+    before = predictions(page)
+    draw(page, SEVEN)
+    wait_for_prediction(page, before)
+    bodies = [bytes(b) for b in page.evaluate("window.__bodies")]
+    assert bodies and bodies[-1][:8] == b"\x89PNG\r\n\x1a\n"
+    sent = Image.open(io.BytesIO(bodies[-1]))
+    assert sent.format == "PNG" and sent.mode == "L" and sent.size == (140, 140)
+    assert bodies[-1][24:29] == bytes([8, 0, 0, 0, 0])  # IHDR: 8 bits, greyscale, deflate, filters, no interlace
+    canvas = page.evaluate("""async () => {
+      const make = window.mnistrecDrawingPng;
+      const saved = window.CompressionStream;
+      window.CompressionStream = undefined;  // the fallback: the canvas's own RGBA PNG
+      try { const blob = await make(); return Array.from(new Uint8Array(await blob.arrayBuffer())); }
+      finally { window.CompressionStream = saved; }
+    }""")
+    rgba = Image.open(io.BytesIO(bytes(canvas)))
+    assert rgba.mode == "RGBA" and rgba.size == (140, 140)
+    grey = np.asarray(sent)
+    assert grey.min() < 50 and grey.max() == 255  # a drawing: dark strokes on white
+    assert np.array_equal(grey, np.asarray(rgba.convert("L")))
+    assert page.locator("#digit").text_content() == "7"
+
+
 def test_undo_clear_and_keyboard(page):
     before = predictions(page)
     draw(page, ONE)

@@ -26,7 +26,7 @@
   }
 
   async function send(digit) {
-    const blob = window.mnistrecDrawingPng();
+    const blob = await window.mnistrecDrawingPng();
     const image = await new Promise((resolve) => {
       const reader = new FileReader();
       reader.onload = () => resolve(reader.result);
