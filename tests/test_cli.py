@@ -50,6 +50,31 @@ def test_train_prints_seed_lines_and_writes_the_run(trained_run):
     assert metrics["test"]["accuracy"] > 0.8
 
 
+def test_a_selection_run_with_no_test_never_reports_the_test_set(tmp_path, data_dir):
+    # Choices are made on the validation split; a selection run must not show test figures a person could peek at.
+    result = run_cli("train", "--data-dir", data_dir, "--limit-train", "3000", "--val-size", "500", "--epochs", "2",
+                     "--no-test", "--save", "", "--out", tmp_path / "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shown = result.stdout.replace("the test set was not evaluated", "").replace(str(tmp_path), "")
+    assert "test" not in shown.lower(), result.stdout
+    assert re.search(r"^Validation Loss: [\d.]+, Validation Acc: [\d.]+% \(epoch [12]; the test set was not evaluated\)",
+                     result.stdout, re.M), result.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"] is None and metrics["best_epoch"] in (1, 2)
+    assert not any((tmp_path / "run" / name).exists() for name in PICTURES[1:])  # the pictures of the test set
+    rows = list(csv.DictReader((tmp_path / "run" / "history.csv").open()))
+    assert len(rows) == 2 and all(not row.get("test_accuracy") for row in rows)
+
+
+@pytest.mark.parametrize("extra", [[], ["--val-size", "500", "--final"], ["--val-size", "500", "--ensemble-size", "2"]])
+def test_no_test_without_a_single_validation_run_is_one_line_error(tmp_path, data_dir, extra):
+    result = run_cli("train", "--data-dir", data_dir, "--limit-train", "1000", "--epochs", "1", "--no-test", *extra,
+                     "--out", tmp_path / "run", cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "run").exists()
+    assert result.stderr.startswith("mnistrec: error: --no-test is for a single run with a validation split")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_evaluate_text_and_json_match_the_run(trained_run, data_dir, capsys):
     _, run, _ = trained_run
     accuracy = json.loads((run / "metrics.json").read_text())["test"]["accuracy"]

@@ -33,6 +33,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--augment", metavar="PRESET", help="batched augmentation preset: none, shift, affine, affine+elastic "
                    "(see the README)")
     p.add_argument("--val-size", type=int, help="training examples held out for validation; selection uses them, never the test set")
+    p.add_argument("--no-test", action="store_true", help="a selection run: never evaluate on the test set (the "
+                   "validation split reports; needs --val-size; no test-set pictures). Look at the test set once, at the end")
     p.add_argument("--early-stop", type=int, metavar="EPOCHS", help="stop after this many epochs without a better "
                    "validation accuracy (needs --val-size); the best validation epoch is kept either way")
     p.add_argument("--final", action="store_true", help="choose the epoch count on the validation split (needs --val-size), then "
@@ -79,6 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.resume or args.out or Path("runs") / config.recipe)
     if args.with_mnist and not args.images:
         raise MnistrecError("--with-mnist needs --images DIR")
+    if args.no_test and (not config.val_size or config.ensemble_size > 1 or final):
+        raise MnistrecError("--no-test is for a single run with a validation split (--val-size N, no --final, "
+                            "no ensemble): the validation split reports instead of the test set")
     data = load_mnist(args.data_dir)
     if args.images:
         from ..folders import load_labelled_images, training_data
@@ -110,15 +115,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     trainer = train_final if final else train
     try:  # under torchrun every rank trains; only rank 0 reports, draws and copies
-        result = trainer(config, data, run_dir, resume=bool(args.resume), progress=progress(args))
+        result = trainer(config, data, run_dir, resume=bool(args.resume), progress=progress(args),
+                         evaluate_test=not args.no_test)
     finally:
         distributed.shutdown()
     if not distributed.is_main_process():
         return 0
     m = result.metrics
-    print(f"Test Loss: {m['loss']:.4f}, Test Acc: {100 * m['accuracy']:.2f}% "
-          f"({m['count'] - m['errors']}/{m['count']}) in {result.seconds:.1f}s")
-    if not args.no_plots:
+    if args.no_test:  # the run kept its best validation epoch: that epoch's validation figures
+        best = next(row for row in result.history if int(row["epoch"]) == result.best_epoch)
+        print(f"Validation Loss: {best['val_loss']:.4f}, Validation Acc: {100 * best['val_accuracy']:.2f}% "
+              f"(epoch {result.best_epoch}; the test set was not evaluated) in {result.seconds:.1f}s")
+    else:
+        print(f"Test Loss: {m['loss']:.4f}, Test Acc: {100 * m['accuracy']:.2f}% "
+              f"({m['count'] - m['errors']}/{m['count']}) in {result.seconds:.1f}s")
+    if not args.no_plots and not args.no_test:  # the pictures show the test set
         plot_run(run_dir, args.data_dir)
     if args.save:
         copy_model(run_dir, args.save)
