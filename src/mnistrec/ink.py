@@ -13,6 +13,10 @@ Two routes, chosen by measuring the picture, never by trusting the caller:
 
 On a clean picture both routes give the same ink (the background surface of a
 uniform paper is that paper's level); the clean one is several times faster.
+For an 8-bit picture (any PNG or JPEG without transparency, such as the web
+page's drawing) the clean route runs on its 256 grey levels: histograms and
+lookup tables instead of float images (:func:`_clean_ink_of_levels`), with
+bit-identical results.
 """
 
 from __future__ import annotations
