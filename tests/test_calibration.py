@@ -20,6 +20,7 @@ from mnistrec.calibration import (
 )
 from mnistrec.checkpoint import load_checkpoint, read_checkpoint, with_calibration
 from mnistrec.errors import CheckpointError, MnistrecError
+from mnistrec.predict import UNSURE_BELOW
 
 
 def _sampled(temperature: float, n: int = 20000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +134,7 @@ def test_predict_probabilities_are_calibrated(mlp_checkpoint, tmp_path, mnist):
         want = (loaded.model(x) / 2.0).softmax(1)
     for row, probs in zip(got, want):
         assert row["probabilities"] == pytest.approx(probs.tolist(), abs=1e-6)
-        assert row["unsure"] == (row["confidence"] < 0.8)
+        assert row["unsure"] == (row["confidence"] < UNSURE_BELOW)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -1.0, 0.0, 1e9, "hot"])
@@ -180,4 +181,4 @@ def test_cli_table_and_json_say_not_sure_below_the_threshold(mlp_checkpoint, tmp
     assert table.returncode == as_json.returncode == 0, table.stderr + as_json.stderr
     assert "(not sure)" in table.stdout.splitlines()[1]
     result = json.loads(as_json.stdout)
-    assert result["unsure"] is True and result["confidence"] < 0.8
+    assert result["unsure"] is True and result["confidence"] < UNSURE_BELOW

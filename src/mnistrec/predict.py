@@ -24,7 +24,7 @@ from .evaluate import predict_logits
 #: File name endings ``predict`` picks up inside folders (files named explicitly are always tried).
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".dib", ".gif", ".webp", ".tif", ".tiff"})
 #: Below this calibrated confidence a prediction is flagged "not sure" (chosen on the validation split: docs/calibration.md).
-UNSURE_BELOW = 0.80
+UNSURE_BELOW = 0.90
 #: Files whose tensors are held in memory at once; also the inference batch.
 BATCH_FILES = 256
 
