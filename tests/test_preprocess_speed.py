@@ -18,7 +18,7 @@ from conftest import REPO, SRC
 
 from mnistrec import ink
 from mnistrec.errors import ImageError
-from mnistrec.imagefile import open_image
+from mnistrec.imagefile import open_image, to_grey
 from mnistrec.preprocess import preprocess
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -62,7 +62,7 @@ def test_clean_route_gives_the_full_routes_ink(files, mnist, monkeypatch):
     pictures.append(ndi.gaussian_filter(bar, 4))
     pictures += [np.asarray(Image.fromarray(255 - d).resize((140, 140), Image.BILINEAR)) for d in mnist.test_images[:5].numpy()]
     fast = [preprocess(p) for p in pictures]
-    assert all(ink._clean_signal(ink.to_grey(p), "auto") is not None for p in pictures)
+    assert all(ink._clean_signal(to_grey(p), "auto") is not None for p in pictures)
     monkeypatch.setattr(ink, "_clean_signal", lambda grey, invert: None)
     monkeypatch.setattr(ink, "_clean_ink_of_levels", lambda levels, invert: None)  # the same route, on 256 levels
     full = [preprocess(p) for p in pictures]
@@ -138,7 +138,7 @@ def test_lighting_and_noise_take_the_full_route():
     noisy = np.clip(np.full((100, 100), 0.9, np.float32) + np.random.default_rng(0).normal(0, 0.1, (100, 100)), 0, 1)
     noisy[20:80, 45:55] = 0.1
     for picture in (shaded, noisy):
-        assert ink._clean_signal(ink.to_grey(picture), "auto") is None
+        assert ink._clean_signal(to_grey(picture), "auto") is None
     assert float(preprocess(shaded).max()) > 0.9
 
 

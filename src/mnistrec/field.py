@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .errors import ImageError
+from .ink import BLANK
 
 #: Longer side of the digit's box, and the field it is centred in, as in MNIST.
 BOX, FIELD, CENTRE = 20, 28, 14.0
@@ -110,7 +111,7 @@ def to_field(soft: np.ndarray, mask: np.ndarray) -> torch.Tensor:
     """Crop to the mask's box, fix the stroke width, longer side -> 20 px, centre of mass -> (14, 14) in 28×28."""
     x, y, w, h = cv2.boundingRect(np.ascontiguousarray(mask).view(np.uint8))
     if w == 0:
-        raise ImageError("no ink found: the image is blank (no stroke differs from the background)")
+        raise ImageError(BLANK)
     # Keep the 1-px anti-aliased rim around the box.
     top, left = max(0, y - 1), max(0, x - 1)
     bottom, right = min(mask.shape[0], y + h + 1), min(mask.shape[1], x + w + 1)

@@ -197,9 +197,8 @@ def _pil_planes(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
     return image, alpha
 
 
-def _pil_to_arrays(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """Greyscale float32 in [0, 1] and alpha (or None), reduced to at most WORK_SIZE on the longer side."""
-    plane, alpha = _pil_planes(image)
+def _plane_arrays(plane: Image.Image, alpha: Image.Image | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The planes of :func:`_pil_planes` as greyscale float32 in [0, 1] and alpha (or None)."""
     if plane.mode == "L":
         grey = grey_of_levels(np.asarray(plane))  # already finite and in [0, 1]
     else:
@@ -215,21 +214,21 @@ def grey_of_levels(levels: np.ndarray) -> np.ndarray:
     return grey
 
 
-def grey_levels(image: Image.Image | np.ndarray) -> np.ndarray | None:
-    """The uint8 plane ``L`` when :func:`to_grey` of ``image`` is exactly ``grey_of_levels(L)``, else None.
+def grey_or_levels(image: Image.Image | np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(L, None)`` when :func:`to_grey` of ``image`` is exactly ``grey_of_levels(L)``, else ``(None, to_grey(image))``.
 
-    That is a PIL picture read as 8-bit grey with nothing to composite (any PNG or
-    JPEG without transparency: the web page's canvas, scans, photos). Statistics of
-    such a picture can be taken over its 256 levels instead of over every pixel.
+    ``L`` (uint8) exists for a PIL picture read as 8-bit grey with nothing to
+    composite (any PNG or JPEG without transparency: the web page's drawing, scans,
+    photos); statistics of such a picture can be taken over its 256 levels instead
+    of over every pixel. The picture is converted once either way.
     """
     if not isinstance(image, Image.Image):
-        return None
+        return None, to_grey(image)
     plane, alpha = _pil_planes(image)
-    if plane.mode != "L" or plane.width == 0 or plane.height == 0:
-        return None
-    if alpha is not None and _composited(np.asarray(alpha, dtype=np.float32) / 255.0):
-        return None
-    return np.asarray(plane)
+    if plane.mode == "L" and plane.width and plane.height and (
+            alpha is None or not _composited(np.asarray(alpha, dtype=np.float32) / 255.0)):
+        return np.asarray(plane), None
+    return None, _composite(*_plane_arrays(plane, alpha))
 
 
 def _composited(alpha: np.ndarray) -> bool:
@@ -288,11 +287,16 @@ def to_grey(image: Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, Image.Image):
-        grey, alpha = _pil_to_arrays(image)
+        grey, alpha = _plane_arrays(*_pil_planes(image))
     elif isinstance(image, np.ndarray):
         grey, alpha = _array_to_arrays(image)
     else:
         raise ImageError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    return _composite(grey, alpha)
+
+
+def _composite(grey: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    """:func:`to_grey`'s last step: refuse an empty picture; composite a transparent one."""
     if grey.size == 0:
         raise ImageError(f"image is {grey.shape[-1] if grey.ndim == 2 else 0}×{grey.shape[0]} pixels, nothing to read")
     if alpha is not None and _composited(alpha):

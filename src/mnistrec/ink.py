@@ -30,7 +30,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from .errors import ImageError
-from .imagefile import grey_levels, grey_of_levels, to_grey
+from .imagefile import grey_of_levels, grey_or_levels
 
 #: Ink must differ from the paper by at least this much (fraction of full scale), else the image is blank.
 MIN_CONTRAST = 0.08
@@ -242,12 +242,12 @@ def find_ink(image: Image.Image | np.ndarray, invert: str = "auto") -> tuple[np.
     """Soft ink image in [0, 1] (ink = 1) and its boolean mask, at working resolution."""
     if invert not in INVERT_CHOICES:
         raise ImageError(f"invert must be one of {', '.join(INVERT_CHOICES)}, not {invert!r}")
-    levels = grey_levels(image)
-    if levels is not None and levels.size <= 2 * _SAMPLE:
-        found = _clean_ink_of_levels(levels, invert)
+    levels, grey = grey_or_levels(image)  # the picture is converted once, whichever route it takes
+    if levels is not None:
+        found = _clean_ink_of_levels(levels, invert) if levels.size <= 2 * _SAMPLE else None
         if found is not None:
             return found
-    grey = grey_of_levels(levels) if levels is not None else to_grey(image)
+        grey = grey_of_levels(levels)
     signal = _clean_signal(grey, invert)
     if signal is None:
         dark = _ink_is_dark(grey) if invert == "auto" else invert == "yes"
