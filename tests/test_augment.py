@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mnistrec.augment import affine_theta, augmentation_names, get_augmentation, shift, tta_views, warp
+from mnistrec.augment import (affine_theta, augmentation_names, get_augmentation, shift, shift_whole_pixels, tta_views,
+                              warp)
 from mnistrec.data import to_float
 from mnistrec.errors import MnistrecError
 
@@ -73,6 +74,18 @@ def test_shift_preset_moves_by_whole_pixels_only():
     assert set(torch.unique(out).tolist()) <= {0.0, 1.0}  # no bilinear blur
     offsets = torch.stack([ink(img).min(0).values - 10 for img in out])
     assert offsets.abs().max() <= 2 and len(torch.unique(offsets[:, 1])) > 1
+
+
+def test_whole_pixel_gather_is_the_resampled_shift_of_each_image(mnist):
+    """The shift preset's gather equals per-image grid_sample resampling (to its 1e-5 rounding) on real digits."""
+    digits = to_float(mnist.train_images[:64])
+    pixels = torch.randint(-3, 4, (64, 2), generator=torch.Generator().manual_seed(1)).float()
+    pixels[0] = 0.0
+    resampled = warp(digits, affine_theta(torch.zeros(64), pixels, torch.ones(64), torch.zeros(64)))
+    gathered = shift_whole_pixels(digits, pixels)
+    assert gathered.shape == digits.shape and torch.equal(gathered[0], digits[0])
+    assert torch.allclose(gathered, resampled, atol=1e-5)
+    assert set(torch.unique(shift_whole_pixels(blob(batch=4), pixels[:4])).tolist()) <= {0.0, 1.0}
 
 
 def test_tta_views_are_the_image_and_four_one_pixel_shifts():

@@ -69,3 +69,35 @@ def test_ema_run_tracks_the_model_in_its_first_epoch(mnist):
                          augment="none", batch_size=64, threads=1)
     result = train(config, mnist, progress=False, log=lambda _: None, evaluate_test=False)
     assert result.history[0]["val_accuracy"] > 0.85
+
+
+def test_bf16_precision_trains_under_autocast_and_evaluates_in_float32(mnist, monkeypatch):
+    """``precision="bf16"``: the forward pass runs in bfloat16 (different weights from float32, same seed),
+    it is reproducible, it learns, and the weights and evaluation stay float32."""
+    seen: list[torch.dtype] = []
+    original = torch.nn.Linear.forward
+
+    def record(self, x):
+        out = original(self, x)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", record)
+
+    def run(precision: str):
+        config = make_config("seed", epochs=1, limit_train=2000, limit_test=500, seed=3, precision=precision)
+        seen.clear()
+        result = train(config, mnist, None, progress=False, log=lambda _: None)
+        return result, list(seen)
+
+    bf16, bf16_dtypes = run("bf16")
+    again, _ = run("bf16")
+    fp32, fp32_dtypes = run("fp32")
+    assert torch.bfloat16 in bf16_dtypes and torch.bfloat16 not in fp32_dtypes
+    assert bf16_dtypes[-1] == torch.float32  # the last forward is the test pass: float32
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(bf16.model.state_dict().values(), again.model.state_dict().values()))
+    assert not torch.equal(bf16.model.layer_1.weight, fp32.model.layer_1.weight)
+    assert bf16.metrics["accuracy"] > 0.7 and abs(bf16.metrics["accuracy"] - fp32.metrics["accuracy"]) < 0.05
+    with pytest.raises(MnistrecError, match="unknown precision 'fp16'; choose from: fp32, bf16"):
+        make_config("seed", precision="fp16")

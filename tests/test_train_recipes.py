@@ -196,6 +196,41 @@ def test_recipe_benchmark_collects_runs_into_json_and_plot(mnist, tmp_path):
     assert recipes["fast"]["incomplete"] == ["fast-seed43"]
     assert recipes["ensemble"]["vs_seed"]["time_ratio"] > 0
     assert report["machine"]["cpu_count"] and report["machine"]["torch"] and picture.stat().st_size > 10_000
+    # Every run is judged against issue 17's targets: tiny runs meet none of the accuracy bars.
+    assert report["targets"]["best"]["min_test_accuracy"] == 0.997
+    assert recipes["best"]["runs"]["best-seed44"]["meets"] == {"min_test_accuracy": False, "max_train_seconds": True}
+    assert recipes["fast"]["runs"]["fast-seed42"]["meets"] == {"min_test_accuracy": False}  # no plain loop in --collect
+    assert recipes["ensemble"]["meets"] == {"min_test_accuracy": False}
+
+
+def test_recipe_benchmark_judges_each_seed_and_the_mean():
+    """`fast` is judged on its mean accuracy and on every run's time; `best` on every seed and on its mean."""
+    import importlib
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    bench = importlib.import_module("bench_recipes")
+
+    def run(accuracy, seconds, ratio=None):
+        row = {"test_accuracy": accuracy, "train_seconds": seconds, "wall_seconds": seconds + 3}
+        return {**row, "vs_plain_loop": ratio} if ratio is not None else row
+
+    recipes = {
+        "seed": {**run(0.98, 10.0, 0.9)},
+        "fast": bench.per_seed("fast", {"fast-seed42": run(0.9958, 50.0, 3.5), "fast-seed43": run(0.9964, 52.0, 4.1),
+                                        "fast-seed44": run(0.9962, 51.0, 3.6)}),
+        "best": bench.per_seed("best", {"best-seed42": run(0.9976, 700.0), "best-seed43": run(0.9969, 950.0)}),
+    }
+    bench.judge(recipes)
+    assert recipes["seed"]["meets"] == {"max_vs_plain_loop": True}
+    fast = recipes["fast"]
+    assert fast["runs"]["fast-seed42"]["meets"] == {"min_test_accuracy": False, "max_vs_plain_loop": True}
+    assert fast["meets"] == {"min_test_accuracy": True, "max_vs_plain_loop": False}  # mean 99.613%; seed 43 took 4.1x
+    best = recipes["best"]
+    assert best["runs"]["best-seed42"]["meets"] == {"min_test_accuracy": True, "max_train_seconds": True}
+    assert best["meets"] == {"min_test_accuracy": False, "max_train_seconds": False, "min_mean_test_accuracy": False}
 
 
 def test_cli_resume_of_ensemble_and_final_runs_needs_no_other_flag(data_dir, tmp_path):

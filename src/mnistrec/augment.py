@@ -105,6 +105,24 @@ def warp(x: torch.Tensor, theta: torch.Tensor, offsets: torch.Tensor | None = No
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def shift_whole_pixels(x: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
+    """Shift image ``i`` of ``x`` ``[B, C, H, W]`` by the whole pixels ``shift_px[i]`` = (right, down), zero-filled.
+
+    One gather from a zero-padded copy: exact, and about 2.5x faster than
+    resampling with ``grid_sample``, whose normalised coordinates are off by a
+    few 1e-6 of a pixel.
+    """
+    b, c, h, w = x.shape
+    pixels = shift_px.round().long().to(x.device)
+    margin = int(pixels.abs().max()) if b else 0
+    padded = F.pad(x, (margin, margin, margin, margin))
+    rows = torch.arange(h, device=x.device) + margin - pixels[:, 1:2]  # output row r reads padded row r + margin - dy
+    cols = torch.arange(w, device=x.device) + margin - pixels[:, 0:1]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 def shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     """Shift every image of ``x`` by ``dx`` pixels right and ``dy`` down (exact for whole pixels)."""
     b = x.shape[0]
@@ -132,6 +150,10 @@ class RandomAffine:
     # bilinear shifts blur every training digit, which test digits never are.
     whole_pixels: bool = False
 
+    @property
+    def _shift_only(self) -> bool:
+        return self.rotation_deg == 0 and self.shear_deg == 0 and self.scale == (1.0, 1.0) and self.elastic_alpha_px == 0
+
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         b = x.shape[0]
         size = tuple(x.shape[-2:])
@@ -151,6 +173,8 @@ class RandomAffine:
         keep = torch.rand(b, generator=generator) >= self.p
         # The identity for the images that are kept clean.
         rotation[keep], shift_px[keep], scale[keep], shear[keep] = 0.0, 0.0, 1.0, 0.0
+        if self.whole_pixels and self._shift_only:  # (the draws above still run: the generator's stream is the same)
+            return shift_whole_pixels(x, shift_px)
         theta = affine_theta(rotation, shift_px, scale, shear, size).to(x.device)
         offsets = None
         if self.elastic_alpha_px > 0:

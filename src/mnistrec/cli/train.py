@@ -45,6 +45,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="ensembles: also report test-time augmentation over 1-pixel shifted views")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's choice; "
                    "1 is faster on a busy machine)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: train under bfloat16 autocast (faster on CPUs "
+                   "with native bfloat16, e.g. AVX512-BF16; weights and evaluation stay float32)")
     p.add_argument("--seed", type=int, help=f"random seed; same seed and machine give the same metrics (default: {defaults.seed})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (default: auto)")
     p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images (quick runs)")
@@ -70,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing",
                     "ema_decay", "augment", "val_size", "seed", "device", "limit_train", "limit_test", "early_stop",
-                    "ensemble_size", "tta", "threads")
+                    "ensemble_size", "tta", "threads", "precision")
     }
     final = args.final
     if args.resume:

@@ -46,6 +46,9 @@ class TrainConfig:
     ensemble_size: int = 1  # >1: train this many members with different seeds (train_ensemble)
     tta: bool = False  # ensemble: also report test-time augmentation (averaged over shifted views)
     threads: int = 0  # CPU threads for PyTorch; 0 keeps PyTorch's default
+    # "bf16": forward and backward under bfloat16 autocast (weights, optimiser and evaluation stay float32).
+    # On CUDA, float16 autocast with a gradient scaler is used whatever this says.
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +115,7 @@ def _validate(c: TrainConfig) -> None:
         (c.early_stop == 0 or c.val_size > 0, "--early-stop needs a validation split (--val-size > 0)"),
         (c.ensemble_size >= 1, f"--ensemble-size must be at least 1 (got {c.ensemble_size})"),
         (c.threads >= 0, f"--threads must be >= 0 (got {c.threads})"),
+        (c.precision in ("fp32", "bf16"), f"unknown precision {c.precision!r}; choose from: fp32, bf16"),
     ]
     for ok, message in checks:
         if not ok:

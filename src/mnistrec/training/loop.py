@@ -251,6 +251,8 @@ def train_epoch(state: TrainingState, run: _Run, stop: "_StopRequest", progress:
     config, device, epoch = state.config, run.ctx.device, state.epoch
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     model.train()
+    # CUDA trains in float16 with a gradient scaler; elsewhere --precision bf16 needs no scaler (float32's range).
+    autocast_dtype = torch.float16 if state.use_amp else (torch.bfloat16 if config.precision == "bf16" else None)
     if state.partial:  # continue the epoch an earlier Ctrl-C stopped, with its data order
         partial, state.partial = state.partial, None
         start, order = int(partial["step"]), partial["order"].to(device)
@@ -276,10 +278,10 @@ def train_epoch(state: TrainingState, run: _Run, stop: "_StopRequest", progress:
         x, y = run.train_x[idx], run.train_y[idx]
         if run.augment is not None:
             x = run.augment(x, state.generators["augment"])
-        if state.use_amp:
-            with torch.autocast(device.type, dtype=torch.float16):
+        if autocast_dtype is not None:
+            with torch.autocast(device.type, dtype=autocast_dtype):
                 logits = run.train_model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
         else:
             logits = run.train_model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
