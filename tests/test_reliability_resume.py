@@ -34,17 +34,17 @@ SEED_OPTS = ["--epochs", "3", "--limit-train", "1500", "--limit-test", "100", "-
 
 
 def _recipe_opts() -> list[str]:
-    """The seed MLP plus augmentation, a one-cycle schedule and a weight EMA, when those exist."""
+    """The seed MLP plus augmentation, a one-cycle schedule, a weight EMA and bfloat16 autocast (as the CNN recipes)."""
     try:
         from mnistrec.augment import get_augmentation  # noqa: F401  (issue 4)
     except ImportError:
         return []
-    return ["--augment", "affine", "--schedule", "onecycle", "--ema-decay", "0.99"]
+    return ["--augment", "affine", "--schedule", "onecycle", "--ema-decay", "0.99", "--precision", "bf16"]
 
 
 OPTION_SETS = {"seed": SEED_OPTS}
 if _recipe_opts():
-    OPTION_SETS["augment+onecycle+ema"] = SEED_OPTS + _recipe_opts()
+    OPTION_SETS["augment+onecycle+ema+bf16"] = SEED_OPTS + _recipe_opts()
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

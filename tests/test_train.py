@@ -99,5 +99,19 @@ def test_bf16_precision_trains_under_autocast_and_evaluates_in_float32(mnist, mo
     assert all(torch.equal(a, b) for a, b in zip(bf16.model.state_dict().values(), again.model.state_dict().values()))
     assert not torch.equal(bf16.model.layer_1.weight, fp32.model.layer_1.weight)
     assert bf16.metrics["accuracy"] > 0.7 and abs(bf16.metrics["accuracy"] - fp32.metrics["accuracy"]) < 0.05
-    with pytest.raises(MnistrecError, match="unknown precision 'fp16'; choose from: fp32, bf16"):
+    with pytest.raises(MnistrecError, match="unknown precision 'fp16'; choose from: fp32, bf16, auto"):
         make_config("seed", precision="fp16")
+
+
+@pytest.mark.parametrize("bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                  (False, False, None)])
+def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch, bf16, amx, expected):
+    from mnistrec.devices import autocast_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is expected
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("fp32", torch.device("cuda")) is torch.float16  # CUDA: float16 with a gradient scaler
+    assert make_config("fast").precision == "auto" and make_config("seed").precision == "fp32"

@@ -32,3 +32,23 @@ def channels_last_helps(model: nn.Module, device: torch.device) -> bool:
     NHWC. MLPs have no 4-D weights, so nothing changes for them; MPS is left alone.
     """
     return device.type in ("cpu", "cuda") and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: a CPU with AVX512-BF16 or AMX (CUDA and MPS: no;
+    CUDA trains in float16). Elsewhere oneDNN emulates bfloat16, slower than float32."""
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a training run uses: float16 on CUDA (with a gradient scaler), else bfloat16 for
+    ``precision`` ``bf16``, or ``auto`` on a CPU with native bfloat16; ``None`` trains in float32."""
+    if device.type == "cuda":
+        return torch.float16
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return None

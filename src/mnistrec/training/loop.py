@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import distributed
 from ..data import MNIST
-from ..devices import channels_last_helps, resolve_device
+from ..devices import autocast_dtype, channels_last_helps, resolve_device
 from ..errors import MnistrecError
 from ..calibration import calibrated, calibration_record
 from ..evaluate import evaluate, predict_logits
@@ -251,8 +251,8 @@ def train_epoch(state: TrainingState, run: _Run, stop: "_StopRequest", progress:
     config, device, epoch = state.config, run.ctx.device, state.epoch
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     model.train()
-    # CUDA trains in float16 with a gradient scaler; elsewhere --precision bf16 needs no scaler (float32's range).
-    autocast_dtype = torch.float16 if state.use_amp else (torch.bfloat16 if config.precision == "bf16" else None)
+    # bfloat16 has float32's range, so unlike CUDA's float16 it needs no gradient scaler.
+    dtype = autocast_dtype(config.precision, device)
     if state.partial:  # continue the epoch an earlier Ctrl-C stopped, with its data order
         partial, state.partial = state.partial, None
         start, order = int(partial["step"]), partial["order"].to(device)
@@ -278,8 +278,8 @@ def train_epoch(state: TrainingState, run: _Run, stop: "_StopRequest", progress:
         x, y = run.train_x[idx], run.train_y[idx]
         if run.augment is not None:
             x = run.augment(x, state.generators["augment"])
-        if autocast_dtype is not None:
-            with torch.autocast(device.type, dtype=autocast_dtype):
+        if dtype is not None:
+            with torch.autocast(device.type, dtype=dtype):
                 logits = run.train_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
         else:

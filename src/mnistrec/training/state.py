@@ -107,8 +107,7 @@ class TrainingState:
         """A fresh state for ``model`` (already on ``device``); the RNGs are seeded from ``config.seed``."""
         optimizer = build_optimizer(config, model)
         scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-        # float16 mixed precision on CUDA; on the CPU, bfloat16 autocast only when asked (--precision bf16):
-        # it is faster only on CPUs with native bfloat16 (AVX512-BF16, AMX), and slower than float32 elsewhere.
+        # float16 mixed precision with a gradient scaler on CUDA; the CPU's bfloat16 (--precision) needs no scaler.
         use_amp = device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         ema = None
