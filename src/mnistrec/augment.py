@@ -124,7 +124,8 @@ def shift_whole_pixels(x: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
 
 
 def shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
-    """Shift every image of ``x`` by ``dx`` pixels right and ``dy`` down (exact for whole pixels)."""
+    """Shift every image of ``x`` by ``dx`` pixels right and ``dy`` down, by resampling (any fraction of a pixel;
+    whole pixels land within a few 1e-6 of exact: :func:`shift_whole_pixels` is exact)."""
     b = x.shape[0]
     ones = torch.ones(b)
     theta = affine_theta(torch.zeros(b), torch.tensor([[dx, dy]]).expand(b, 2), ones, torch.zeros(b), tuple(x.shape[-2:]))
