@@ -76,8 +76,8 @@ def plain_loop_seconds(data_dir: str, threads: int) -> float:
 
 
 def run_recipe(recipe: str, run_dir: Path, data_dir: str, threads: int, extra: list[str], plain: bool = True) -> dict:
-    """``mnistrec train --recipe RECIPE`` in a subprocess, after the plain loop (and, for a long run, before it
-    again): wall-clock, the plain loop's seconds and the run's metrics.json."""
+    """``mnistrec train --recipe RECIPE`` in a subprocess, timing the plain loop before it (and after it too when
+    the run is long): wall-clock, the plain loop's seconds and the run's metrics.json."""
     plain_seconds = [plain_loop_seconds(data_dir, threads)] if plain else []
     command = [sys.executable, "-m", "mnistrec", "train", "--recipe", recipe, "--out", str(run_dir), "--save", "",
                "--no-plots", "--quiet", "--data-dir", data_dir, *extra]

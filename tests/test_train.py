@@ -98,6 +98,7 @@ def test_bf16_precision_trains_under_autocast_and_evaluates_in_float32(mnist, mo
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(bf16.model.state_dict().values(), again.model.state_dict().values()))
     assert not torch.equal(bf16.model.layer_1.weight, fp32.model.layer_1.weight)
+    assert (bf16.autocast, fp32.autocast) == ("bfloat16", None)
     assert bf16.metrics["accuracy"] > 0.7 and abs(bf16.metrics["accuracy"] - fp32.metrics["accuracy"]) < 0.05
     with pytest.raises(MnistrecError, match="unknown precision 'fp16'; choose from: fp32, bf16, auto"):
         make_config("seed", precision="fp16")
@@ -115,3 +116,30 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypa
     assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("fp32", torch.device("cuda")) is torch.float16  # CUDA: float16 with a gradient scaler
     assert make_config("fast").precision == "auto" and make_config("seed").precision == "fp32"
+
+
+def test_auto_precision_says_it_trains_in_bf16_and_records_it(mnist, monkeypatch, tmp_path):
+    import json
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    lines: list[str] = []
+    config = make_config("seed", epochs=1, limit_train=500, limit_test=100, precision="auto")
+    result = train(config, mnist, tmp_path / "run", progress=False, log=lines.append)
+    assert lines[0] == "precision auto: training steps in bfloat16 (this CPU computes it natively)"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["autocast"] == "bfloat16" == result.autocast
+
+
+def test_a_training_state_saved_before_an_option_existed_still_resumes(mnist, tmp_path):
+    """A ``last.pth`` written before ``precision`` existed has no such key: it trained in float32, so it resumes."""
+    config = make_config("seed", epochs=1, limit_train=500, limit_test=100)
+    first = train(config, mnist, tmp_path, progress=False, log=lambda _: None)
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    del state["config"]["precision"]
+    torch.save(state, tmp_path / "last.pth")
+    lines: list[str] = []
+    again = train(config, mnist, tmp_path, resume=True, progress=False, log=lines.append)
+    assert lines[0].startswith(f"resuming {tmp_path} after epoch 1/1")
+    assert torch.equal(again.model.layer_1.weight, first.model.layer_1.weight)
+    with pytest.raises(MnistrecError, match="precision='fp32' \\(now 'bf16'\\)"):
+        train(make_config("seed", epochs=1, limit_train=500, limit_test=100, precision="bf16"), mnist, tmp_path,
+              resume=True, progress=False, log=lambda _: None)

@@ -113,8 +113,9 @@ def shift_whole_pixels(x: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
     few 1e-6 of a pixel.
     """
     b, c, h, w = x.shape
-    pixels = shift_px.round().long().to(x.device)
-    margin = int(pixels.abs().max()) if b else 0
+    pixels = shift_px.round().long()
+    margin = int(pixels.abs().max()) if b else 0  # read before moving to the device: no device sync
+    pixels = pixels.to(x.device)
     padded = F.pad(x, (margin, margin, margin, margin))
     rows = torch.arange(h, device=x.device) + margin - pixels[:, 1:2]  # output row r reads padded row r + margin - dy
     cols = torch.arange(w, device=x.device) + margin - pixels[:, 0:1]

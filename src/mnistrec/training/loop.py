@@ -65,9 +65,15 @@ class _Run:
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
     train_model: nn.Module  # the model, wrapped in DDP when distributed
     state_path: Path | None
+    autocast: torch.dtype | None = None  # the dtype of the training steps' forward pass (devices.autocast_dtype)
     normalise: Normalize | None = None  # set when train_x was normalised once, up front, by this module
     saved_at: str | None = None  # the last point saved to state_path, for the Ctrl-C message
     last_test: dict[str, Any] | None = None  # test metrics of the epoch last scored in this process (seed style)
+
+    @property
+    def autocast_name(self) -> str | None:
+        """``"bfloat16"`` or ``"float16"`` when the training steps run under autocast, else ``None``."""
+        return str(self.autocast).removeprefix("torch.") if self.autocast is not None else None
 
     def save(self, state: TrainingState, partial: dict[str, Any] | None = None) -> None:
         """Write ``last.pth`` (rank 0 only; nothing without a run directory)."""
@@ -110,7 +116,7 @@ def train(
         log, progress = (lambda _: None), False
     run_dir = prepare_run_dir(run_dir)
     torch.manual_seed(config.seed)
-    run, state = _start(config, data, ctx, local_batch, run_dir)
+    run, state = _start(config, data, ctx, local_batch, run_dir, log)
     if resume:
         if run.state_path is None or not run.state_path.is_file():
             raise MnistrecError(f"nothing to resume: {run.state_path or 'no run directory'} does not exist")
@@ -150,8 +156,8 @@ def train(
     calibration = _fit_temperature(final_model, run, config, log) or calibration  # held-out fit, else the given one
     metrics = _test_metrics(final_model, state, run, calibration) if evaluate_test else {}
     seconds = time.perf_counter() - start_time
-    result = TrainResult(final_model, config, state.history, metrics, run_dir, seconds,
-                         best_epoch=state.best.epoch or None, stopped_early=state.stopped_early, calibration=calibration)
+    result = TrainResult(final_model, config, state.history, metrics, run_dir, seconds, best_epoch=state.best.epoch or None,
+                         stopped_early=state.stopped_early, calibration=calibration, autocast=run.autocast_name)
     if run_dir and ctx.is_main:
         write_run(result, data)
     return result
@@ -197,7 +203,7 @@ def _process_context(config: TrainConfig, ddp: bool) -> distributed.DistContext:
 
 
 def _start(config: TrainConfig, data: MNIST, ctx: distributed.DistContext, local_batch: int,
-           run_dir: Path | None) -> tuple[_Run, TrainingState]:
+           run_dir: Path | None, log: Callable[[str], None] = lambda _: None) -> tuple[_Run, TrainingState]:
     """The data on the device, a fresh model and its :class:`TrainingState` (after ``torch.manual_seed``)."""
     device = ctx.device
     split = split_data(data, config)
@@ -217,7 +223,10 @@ def _start(config: TrainConfig, data: MNIST, ctx: distributed.DistContext, local
     else:
         normalise = None
     run = _Run(ctx, split, train_x, split.train_y.to(device), test_x, test_y, local_batch, n_local,
-               steps_per_epoch, augment, ctx.wrap(model), run_dir / "last.pth" if run_dir else None, normalise)
+               steps_per_epoch, augment, ctx.wrap(model), run_dir / "last.pth" if run_dir else None,
+               autocast_dtype(config.precision, device), normalise)
+    if config.precision == "auto" and run.autocast is torch.bfloat16:
+        log("precision auto: training steps in bfloat16 (this CPU computes it natively)")
     return run, state
 
 
@@ -251,8 +260,6 @@ def train_epoch(state: TrainingState, run: _Run, stop: "_StopRequest", progress:
     config, device, epoch = state.config, run.ctx.device, state.epoch
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     model.train()
-    # bfloat16 has float32's range, so unlike CUDA's float16 it needs no gradient scaler.
-    dtype = autocast_dtype(config.precision, device)
     if state.partial:  # continue the epoch an earlier Ctrl-C stopped, with its data order
         partial, state.partial = state.partial, None
         start, order = int(partial["step"]), partial["order"].to(device)
@@ -278,8 +285,8 @@ def train_epoch(state: TrainingState, run: _Run, stop: "_StopRequest", progress:
         x, y = run.train_x[idx], run.train_y[idx]
         if run.augment is not None:
             x = run.augment(x, state.generators["augment"])
-        if dtype is not None:
-            with torch.autocast(device.type, dtype=dtype):
+        if run.autocast is not None:
+            with torch.autocast(device.type, dtype=run.autocast):
                 logits = run.train_model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
         else:

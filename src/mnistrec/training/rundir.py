@@ -107,6 +107,7 @@ def write_run(result: TrainResult, data: MNIST) -> None:
         "best_val_accuracy": next((r["val_accuracy"] for r in result.history if r["epoch"] == result.best_epoch), None),
         "stopped_early": result.stopped_early,
         "seconds": round(result.seconds, 3),
+        "autocast": result.autocast,  # what --precision (and the device) made of the training steps
         "versions": library_versions(),
         "data_checksums": data.checksums(),
         "calibration": result.calibration,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import checkpoint_dict, read_checkpoint
+from ..devices import autocast_dtype
 from ..errors import CheckpointError, MnistrecError
 from ..fileio import atomic_write
 from .config import TrainConfig, comparable
@@ -39,6 +40,7 @@ class TrainResult:
     best_epoch: int | None = None  # the validation-selected epoch whose weights ``model`` holds
     stopped_early: bool = False
     calibration: dict[str, Any] | None = None  # the temperature record stored in the checkpoint
+    autocast: str | None = None  # the dtype training steps ran in under autocast ("bfloat16", "float16"), else None
 
 
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
@@ -107,8 +109,8 @@ class TrainingState:
         """A fresh state for ``model`` (already on ``device``); the RNGs are seeded from ``config.seed``."""
         optimizer = build_optimizer(config, model)
         scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-        # float16 mixed precision with a gradient scaler on CUDA; the CPU's bfloat16 (--precision) needs no scaler.
-        use_amp = device.type == "cuda"
+        # float16 needs a gradient scaler (its range is small); bfloat16 has float32's range and needs none.
+        use_amp = autocast_dtype(config.precision, device) is torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         ema = None
         if config.ema_decay:
@@ -171,10 +173,12 @@ class TrainingState:
 
 
 def _check_same_options(state_path: Path, saved: Any, now: dict[str, Any]) -> None:
-    if saved == now:
-        return
     if not isinstance(saved, dict):
         raise CheckpointError(f"{state_path}: holds no training options; not an mnistrec training state")
+    # An option newer than the saved state (e.g. precision) had its default's behaviour when that state was written.
+    saved = {**comparable(TrainConfig()), **saved}
+    if saved == now:
+        return
     differ = [f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in now if saved.get(k) != now.get(k)]
     raise MnistrecError(f"{state_path}: the run was started with other options: {', '.join(differ[:4])}; "
                         "resume with the same ones (or no option flags at all)")
