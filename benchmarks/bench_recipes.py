@@ -75,12 +75,15 @@ def plain_loop_seconds(data_dir: str, threads: int) -> float:
     return round(json.loads(done.stdout.strip().splitlines()[-1])["seconds"], 2)
 
 
-def run_recipe(recipe: str, run_dir: Path, data_dir: str, threads: int, extra: list[str], plain: bool = True) -> dict:
+def run_recipe(recipe: str, run_dir: Path, data_dir: str, threads: int, extra: list[str], plain: bool = True,
+               processes: int = 1) -> dict:
     """``mnistrec train --recipe RECIPE`` in a subprocess, timing the plain loop before it (and after it too when
-    the run is long): wall-clock, the plain loop's seconds and the run's metrics.json."""
+    the run is long): wall-clock, the plain loop's seconds and the run's metrics.json. With ``processes`` > 1 the
+    run is started by torchrun on this machine (``threads`` per process)."""
     plain_seconds = [plain_loop_seconds(data_dir, threads)] if plain else []
-    command = [sys.executable, "-m", "mnistrec", "train", "--recipe", recipe, "--out", str(run_dir), "--save", "",
-               "--no-plots", "--quiet", "--data-dir", data_dir, *extra]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command = [*(launcher if processes > 1 else [sys.executable]), "-m", "mnistrec", "train", "--recipe", recipe,
+               "--out", str(run_dir), "--save", "", "--no-plots", "--quiet", "--data-dir", data_dir, *extra]
     if threads:
         command += ["--threads", str(threads)]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -92,8 +95,10 @@ def run_recipe(recipe: str, run_dir: Path, data_dir: str, threads: int, extra: l
     load_after = load_average()
     if plain and wall > 300:  # the machine may have changed over a long run: time the reference after it too
         plain_seconds.append(plain_loop_seconds(data_dir, threads))
-    run = {"recipe": recipe, "command": "mnistrec train --recipe " + recipe + "".join(f" {a}" for a in extra),
-           "wall_seconds": round(wall, 1), "timing": "wall-clock of the whole `mnistrec train` process",
+    started_as = f"torchrun --standalone --nproc_per_node {processes} -m mnistrec" if processes > 1 else "mnistrec"
+    run = {"recipe": recipe, "command": f"{started_as} train --recipe {recipe}" + "".join(f" {a}" for a in extra),
+           "processes": processes, "threads_per_process": threads,
+           "wall_seconds": round(wall, 1), "timing": "wall-clock of the whole `mnistrec train` process (or torchrun)",
            "load_before": load_before, "load_after": load_after, "plain_loop_seconds": plain_seconds}
     if code != 0:
         return {**run, **incomplete(run_dir, f"exit code {code}")}
@@ -130,7 +135,8 @@ def describe(run: dict) -> dict:
         return run
     s = run["summary"]
     row = {"recipe": run["recipe"], "command": run["command"], "wall_seconds": run["wall_seconds"], "timing": run["timing"],
-           "train_seconds": s["seconds"], "load_before": run["load_before"], "load_after": run["load_after"]}
+           "train_seconds": s["seconds"], "load_before": run["load_before"], "load_after": run["load_after"],
+           "processes": run.get("processes", s.get("world_size", 1)), "threads_per_process": run.get("threads_per_process")}
     plain = run.get("plain_loop_seconds")
     if plain:
         row["plain_loop_seconds"] = statistics.fmean(plain)
@@ -154,10 +160,13 @@ def mean_of(value: float | dict) -> float:
     return value["mean"] if isinstance(value, dict) else value
 
 
-def best_from_ensemble(members: list[dict]) -> dict:
+def best_from_ensemble(ensemble: dict) -> dict:
     """The ``best`` row from the ensemble's members, each a ``--recipe best --seed S`` run (module docstring)."""
+    members = ensemble["members"]
     return {"source": "the ensemble recipe's members, each identical to --recipe best --seed S; "
-                      "time = each member's own training time",
+                      "time = each member's own training time, on "
+                      f"{ensemble.get('threads_per_process') or 'default'} thread(s) in one of "
+                      f"{ensemble.get('processes', 1)} processes sharing the machine",
             "seeds": [m["seed"] for m in members],
             "runs": {f"best-seed{m['seed']}": {"test_accuracy": m["test_accuracy"], "train_seconds": m["seconds"]}
                      for m in members},
@@ -274,6 +283,8 @@ def main() -> int:
     parser.add_argument("--best-seeds", default="", help="also run `best` on its own for each of these seeds "
                         "(default none: its rows come from the ensemble's members)")
     parser.add_argument("--no-plain-loop", action="store_true", help="skip the plain-loop reference (smoke tests only)")
+    parser.add_argument("--ensemble-procs", type=int, default=1, help="start the ensemble under torchrun with this "
+                        "many processes on this machine (they share out its members; --threads is per process)")
     parser.add_argument("--jobs", type=int, default=1, help="recipes run at the same time (each is timed on its own)")
     parser.add_argument("--threads", type=int, default=1, help="PyTorch threads per run (default 1: best on a busy machine)")
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench"), help="where the run directories go")
@@ -300,7 +311,8 @@ def main() -> int:
             futures = {name: pool.submit(collect, recipe, work / name, extra) for name, recipe, extra in jobs}
         else:
             futures = {name: pool.submit(run_recipe, recipe, work / name, args.data_dir, args.threads, extra,
-                                         not args.no_plain_loop) for name, recipe, extra in jobs}
+                                         not args.no_plain_loop, args.ensemble_procs if recipe == "ensemble" else 1)
+                       for name, recipe, extra in jobs}
         runs = {name: describe(f.result()) for name, f in futures.items()}
 
     seeded = ("fast-seed", "best-seed")
@@ -310,7 +322,7 @@ def main() -> int:
         if by_seed:
             recipes[name] = per_seed(name, by_seed)
     if "best" not in recipes and "members" in runs.get("ensemble", {}):
-        recipes["best"] = best_from_ensemble(runs["ensemble"]["members"])
+        recipes["best"] = best_from_ensemble(runs["ensemble"])
     add_ratios_to_seed(recipes)
     judge(recipes)
     results = {

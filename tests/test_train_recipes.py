@@ -203,6 +203,31 @@ def test_recipe_benchmark_collects_runs_into_json_and_plot(mnist, tmp_path):
     assert recipes["ensemble"]["meets"] == {"min_test_accuracy": False}
 
 
+def test_recipe_benchmark_runs_the_ensemble_under_torchrun(data_dir, tmp_path):
+    """`--ensemble-procs 2`: torchrun starts 2 processes on this machine, they share out the members, and the
+    JSON says how the ensemble ran (its `best` rows come from members trained on both ranks)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, cli_env
+
+    results = tmp_path / "recipes.json"
+    tiny = "--limit-train 600 --limit-test 200 --epochs 1 --model mlp --augment none --ensemble-size 2 --batch-size 100"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_recipes.py"), "--recipes", "ensemble",
+                           "--ensemble-procs", "2", "--threads", "1", "--no-plain-loop", "--train-args", tiny,
+                           "--data-dir", str(data_dir), "--work-dir", tmp_path / "bench", "--results", results,
+                           "--plot", tmp_path / "recipes.png"],
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ensemble = json.loads(results.read_text())["recipes"]["ensemble"]
+    assert ensemble["command"].startswith("torchrun --standalone --nproc_per_node 2 -m mnistrec train --recipe ensemble")
+    assert (ensemble["processes"], ensemble["threads_per_process"]) == (2, 1)
+    assert [(m["member"], m["rank"]) for m in ensemble["members"]] == [(0, 0), (1, 1)]
+    assert json.loads((tmp_path / "bench" / "ensemble" / "metrics.json").read_text())["world_size"] == 2
+    best = json.loads(results.read_text())["recipes"]["best"]
+    assert "1 thread(s) in one of 2 processes" in best["source"] and best["seeds"] == [42, 43]
+
+
 def test_recipe_benchmark_judges_each_seed_and_the_mean():
     """`fast` is judged on its mean accuracy and on every run's time; `best` on every seed and on its mean."""
     import importlib
