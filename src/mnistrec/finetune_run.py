@@ -21,6 +21,7 @@ import torch
 
 from .errors import CheckpointError, MnistrecError
 from .fileio import file_sha256
+from .interrupt import StopRequest
 from .finetune import FinetuneConfig, Finetuner
 
 OPTIONS = "finetune.json"
@@ -128,7 +129,7 @@ def run_finetune(checkpoint: str | os.PathLike, images: str | os.PathLike, run_d
     log(f"base: {checkpoint} ({base.model_name}); MNIST test accuracy {100 * before['mnist_test_accuracy']:.2f}%")
 
     saved_at = tuner.done
-    stop = _stop_request(enabled=True)
+    stop = StopRequest(enabled=True)  # the same Ctrl-C handling as `train`: save at a step boundary
     bar = tqdm(total=config.steps, initial=tuner.done, desc="fine-tune", unit="step", disable=not progress, leave=False)
     try:
         with stop:
@@ -154,10 +155,6 @@ def run_finetune(checkpoint: str | os.PathLike, images: str | os.PathLike, run_d
     return _finish(run_dir, base, model, data, held_idx, before, options, config, start, test_x, test_y, log)
 
 
-def _stop_request(enabled: bool):
-    from .training.loop import _StopRequest  # the same Ctrl-C handling as `train`: save at a step boundary
-
-    return _StopRequest(enabled)
 
 
 def _save(path: Path, base, model: torch.nn.Module, tuner: Finetuner) -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from .. import distributed
 from ..data import MNIST
 from ..devices import autocast_dtype, channels_last_helps, resolve_device
 from ..errors import MnistrecError
+from ..interrupt import StopRequest
 from ..calibration import calibrated, calibration_record
 from ..evaluate import evaluate, predict_logits
 from ..models import Normalize, create_model
@@ -128,7 +127,7 @@ def train(
     # weights, optimiser, scheduler, EMA and RNGs agree, so resuming stays bit-exact.
     # Under torchrun the ranks would see the flag at different steps and deadlock in
     # the gradient all-reduce, so there Ctrl-C interrupts at once (the last epoch is saved).
-    stop = _StopRequest(enabled=run.state_path is not None and not ctx.enabled)
+    stop = StopRequest(enabled=run.state_path is not None and not ctx.enabled)
     try:
         with stop:
             while state.epoch < config.epochs and not state.stopped_early:
@@ -249,7 +248,7 @@ def _normalised_inputs(normalise: Normalize | None):
         normalise.inputs_normalised = False
 
 
-def train_epoch(state: TrainingState, run: _Run, stop: "_StopRequest", progress: bool) -> dict[str, float]:
+def train_epoch(state: TrainingState, run: _Run, stop: StopRequest, progress: bool) -> dict[str, float]:
     """One pass over this rank's shard of the training data; returns the epoch's row (train loss, accuracy, lr).
 
     Continues the epoch a Ctrl-C interrupted when ``state.partial`` says so; on a
@@ -354,28 +353,3 @@ def _check_loss(loss_sum: torch.Tensor, state: TrainingState, run: _Run, checked
     kept = f"; the last good checkpoint {run.state_path} is kept" if run.state_path is not None and run.state_path.exists() else ""
     raise NonFiniteLoss(f"loss became {float(loss_sum)} at epoch {state.epoch + 1}, {where} with learning rate "
                         f"{lr_now:.3g}; lower --lr{kept}")
-
-
-class _StopRequest:
-    """SIGINT handler for the training loop: the first Ctrl-C asks the loop to save and
-    stop at the next step; a second one interrupts at once. Only installed in the main
-    thread (Python's rule) and only when there is a run directory to save into."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.requested = False
-        self._previous: Any = None
-        self._enabled = enabled and threading.current_thread() is threading.main_thread()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> "_StopRequest":
-        if self._enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._enabled:
-            signal.signal(signal.SIGINT, self._previous)
