@@ -143,3 +143,33 @@ def test_a_training_state_saved_before_an_option_existed_still_resumes(mnist, tm
     with pytest.raises(MnistrecError, match="precision='fp32' \\(now 'bf16'\\)"):
         train(make_config("seed", epochs=1, limit_train=500, limit_test=100, precision="bf16"), mnist, tmp_path,
               resume=True, progress=False, log=lambda _: None)
+
+
+def test_cli_training_clock_starts_after_the_optimiser_machinery_is_imported(data_dir, tmp_path):
+    """torch imports torch._dynamo when a process builds its first optimiser (~1 s): start-up, not training.
+    `mnistrec train` imports it before `train()` starts its clock, in a fresh process where nothing had."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    script = """
+import json, sys
+import mnistrec.training as training
+from mnistrec.cli import main
+before = "torch._dynamo" in sys.modules
+seen = {}
+real_train = training.train
+def spy(*args, **kwargs):
+    seen["at_train"] = "torch._dynamo" in sys.modules
+    return real_train(*args, **kwargs)
+training.train = spy
+code = main(sys.argv[1:])
+print(json.dumps({"before": before, **seen, "code": code}))
+"""
+    done = subprocess.run([sys.executable, "-c", script, "train", "--data-dir", str(data_dir), "--epochs", "1",
+                           "--limit-train", "300", "--limit-test", "100", "--out", str(tmp_path / "run"), "--save", "",
+                           "--no-plots", "--quiet"], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"before": False, "at_train": True, "code": 0}
