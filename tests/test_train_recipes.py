@@ -250,6 +250,11 @@ def test_recipe_benchmark_judges_each_seed_and_the_mean():
     }
     bench.judge(recipes)
     assert recipes["seed"]["meets"] == {"max_vs_plain_loop": True}
+    # The seed recipe, run three times after its own plain loop each: the median ratio is reported, with all three.
+    repeats = [{**run(0.98, seconds, ratio), "plain_loop_seconds": seconds / ratio}
+               for seconds, ratio in ((10.0, 1.10), (9.0, 0.90), (9.5, 0.95))]
+    median = bench.median_seed_run(repeats)
+    assert median["train_seconds"] == 9.5 and [r["vs_plain_loop"] for r in median["repeats"]] == [0.90, 0.95, 1.10]
     fast = recipes["fast"]
     assert fast["runs"]["fast-seed42"]["meets"] == {"min_test_accuracy": False, "max_vs_plain_loop": True}
     assert fast["meets"] == {"min_test_accuracy": True, "max_vs_plain_loop": False}  # mean 99.613%; seed 43 took 4.1x
