@@ -14,7 +14,8 @@ fresh subprocess. Two references are measured in the same run:
 
 ``seed`` runs ``--seed-repeats`` times (3), each after its own plain loop, and
 reports the run with the median ratio: a 10-second run on a machine whose
-speed drifts by 2x within minutes needs more than one pair. ``fast`` and
+speed drifts by 1.6x within minutes needs more than one pair. "Each after its
+own plain loop" holds with ``--jobs 1`` (the default); with more jobs runs overlap. ``fast`` and
 ``best`` are run once per seed (``--fast-seeds``, ``--best-seeds``).
 The ``ensemble`` recipe's members are ``best`` runs with seeds 42 to 46 (member I
 has the same model, data order and augmentation as ``--recipe best --seed 42+I``),
@@ -139,7 +140,8 @@ def describe(run: dict) -> dict:
     s = run["summary"]
     row = {"recipe": run["recipe"], "command": run["command"], "wall_seconds": run["wall_seconds"], "timing": run["timing"],
            "train_seconds": s["seconds"], "load_before": run["load_before"], "load_after": run["load_after"],
-           "processes": run.get("processes", s.get("world_size", 1)), "threads_per_process": run.get("threads_per_process")}
+           "processes": run.get("processes", s.get("world_size", 1)),
+           "threads_per_process": run.get("threads_per_process", s["config"].get("threads") or None)}
     plain = run.get("plain_loop_seconds")
     if plain:
         row["plain_loop_seconds"] = statistics.fmean(plain)
@@ -190,13 +192,18 @@ def per_seed(name: str, runs: dict[str, dict]) -> dict:
 
 
 def median_seed_run(rows: list[dict]) -> dict:
-    """The ``seed`` run with the median ratio to its plain loop (each timed just after its own), with every ratio."""
-    timed = [row for row in rows if "vs_plain_loop" in row]
+    """The ``seed`` run with the median ratio to its plain loop (each timed just after its own), with every ratio.
+
+    With an even count the upper of the two middle runs is reported (the less flattering one); runs that did not
+    finish are listed under ``incomplete``.
+    """
+    timed = sorted((row for row in rows if "vs_plain_loop" in row), key=lambda row: row["vs_plain_loop"])
+    failed = [row.get("incomplete", "no plain loop") for row in rows if "vs_plain_loop" not in row]
     if len(timed) < 2:
-        return rows[0]
-    timed.sort(key=lambda row: row["vs_plain_loop"])
-    return {**timed[(len(timed) - 1) // 2], "repeats": [{k: row[k] for k in ("train_seconds", "plain_loop_seconds",
-                                                                            "vs_plain_loop")} for row in timed]}
+        return {**(timed[0] if timed else rows[0]), **({"incomplete": failed} if failed and timed else {})}
+    repeats = [{k: row[k] for k in ("train_seconds", "plain_loop_seconds", "vs_plain_loop", "test_accuracy")}
+               for row in timed]
+    return {**timed[len(timed) // 2], "repeats": repeats, **({"incomplete": failed} if failed else {})}
 
 
 def judge(recipes: dict[str, dict]) -> None:
@@ -309,6 +316,8 @@ def main() -> int:
     parser.add_argument("--collect", action="store_true", help="run nothing: report the run directories already in --work-dir")
     parser.add_argument("--note", default="", help="free text stored in the JSON, e.g. how loaded the machine was")
     args = parser.parse_args()
+    if args.seed_repeats < 1 or args.ensemble_procs < 1 or args.jobs < 1:
+        parser.error("--seed-repeats, --ensemble-procs and --jobs must be at least 1")
 
     import torch
 
@@ -318,7 +327,7 @@ def main() -> int:
     jobs: list[tuple[str, str, list[str]]] = []
     for recipe in filter(None, args.recipes.split(",")):
         jobs.append((recipe, recipe, common))
-        if recipe == "seed":
+        if recipe == "seed" and not args.collect:  # --collect reads the one `seed` run directory
             jobs += [(f"seed-repeat{i}", "seed", common) for i in range(2, args.seed_repeats + 1)]
     if args.separate_fast:  # first: the short runs
         jobs = [(f"fast-seed{s}", "fast", ["--seed", s, *common]) for s in args.fast_seeds.split(",")] + jobs

@@ -255,6 +255,12 @@ def test_recipe_benchmark_judges_each_seed_and_the_mean():
                for seconds, ratio in ((10.0, 1.10), (9.0, 0.90), (9.5, 0.95))]
     median = bench.median_seed_run(repeats)
     assert median["train_seconds"] == 9.5 and [r["vs_plain_loop"] for r in median["repeats"]] == [0.90, 0.95, 1.10]
+    # Five runs, one failed: of the two middle ratios of the four left, the upper (less flattering) one; the failure is said.
+    failed = {"recipe": "seed", "incomplete": "exit code 1", "plain_loop_seconds": [10.0]}
+    median = bench.median_seed_run([*repeats, failed, {**run(0.98, 8.0, 0.80), "plain_loop_seconds": 10.0}])
+    assert median["vs_plain_loop"] == 0.95 and median["incomplete"] == ["exit code 1"]
+    median = bench.median_seed_run([failed, repeats[0]])  # one finished run: that one, not the failed one
+    assert median["vs_plain_loop"] == 1.10 and median["incomplete"] == ["exit code 1"]
     fast = recipes["fast"]
     assert fast["runs"]["fast-seed42"]["meets"] == {"min_test_accuracy": False, "max_vs_plain_loop": True}
     assert fast["meets"] == {"min_test_accuracy": True, "max_vs_plain_loop": False}  # mean 99.613%; seed 43 took 4.1x

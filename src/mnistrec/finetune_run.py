@@ -21,8 +21,8 @@ import torch
 
 from .errors import CheckpointError, MnistrecError
 from .fileio import file_sha256
-from .interrupt import StopRequest
 from .finetune import FinetuneConfig, Finetuner
+from .interrupt import StopRequest
 
 OPTIONS = "finetune.json"
 SAVE_EVERY = 50
@@ -153,8 +153,6 @@ def run_finetune(checkpoint: str | os.PathLike, images: str | os.PathLike, run_d
     bar.close()
     model.eval()
     return _finish(run_dir, base, model, data, held_idx, before, options, config, start, test_x, test_y, log)
-
-
 
 
 def _save(path: Path, base, model: torch.nn.Module, tuner: Finetuner) -> None:
