@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import MnistrecError
 from .common import add_data_dir, progress
+
+if TYPE_CHECKING:
+    from ..data import MNIST
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +69,6 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``mnistrec train`` with the parsed ``args``; returns the exit code."""
     from .. import distributed
-    from ..data import load_mnist
     from ..plots import plot_run
     from ..training import copy_model, make_config, resume_options, train, train_ensemble, train_final, write_run_options
 
@@ -87,21 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_test and (not config.val_size or config.ensemble_size > 1 or final):
         raise MnistrecError("--no-test is for a single run with a validation split (--val-size N, no --final, "
                             "no ensemble): the validation split reports instead of the test set")
-    data = load_mnist(args.data_dir)
-    # The first optimiser a process builds makes torch import torch._dynamo (Optimizer.add_param_group is wrapped
-    # in torch._disable_dynamo, which imports it on first call): about 1 s here. That is start-up, like
-    # `import torch`, so it happens here, before the training clock (metrics.json "seconds") starts; the
-    # process's wall-clock still includes it (docs/accuracy-and-selection.md).
-    import torch._dynamo  # noqa: F401
-
-    if args.images:
-        from ..folders import load_labelled_images, training_data
-
-        folder = load_labelled_images(args.images, on_skip=lambda path, why: print(f"mnistrec: skipped {path}: {why}",
-                                                                                   file=sys.stderr))
-        data = training_data(data, folder, args.with_mnist)
-        print(f"training on {len(folder)} images from {args.images}" + (" and MNIST's training images" if args.with_mnist else ""),
-              file=sys.stderr)
+    data = _training_data(args)
     # Every rank of a torchrun ensemble records the options: it resumes its own members from its own disk.
     if not args.resume and (config.ensemble_size > 1 or final and distributed.is_main_process()):
         write_run_options(run_dir, config, final)
@@ -161,3 +150,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in plot_run(args.run_dir, args.data_dir):
         print(path)
     return 0
+
+
+def _training_data(args: argparse.Namespace) -> MNIST:
+    """MNIST, or ``--images`` (with ``--with-mnist``, both); then the start-up work that is not training."""
+    from ..data import load_mnist
+
+    data = load_mnist(args.data_dir)
+    if args.images:
+        from ..folders import load_labelled_images, training_data
+
+        folder = load_labelled_images(args.images, on_skip=lambda path, why: print(f"mnistrec: skipped {path}: {why}",
+                                                                                   file=sys.stderr))
+        data = training_data(data, folder, args.with_mnist)
+        print(f"training on {len(folder)} images from {args.images}" + (" and MNIST's training images" if args.with_mnist else ""),
+              file=sys.stderr)
+    # The first optimiser a process builds makes torch import torch._dynamo (Optimizer.add_param_group is wrapped
+    # in torch._disable_dynamo, which imports it on first call): about 1 s here. That is start-up, like
+    # `import torch`, so it happens here, before the training clock (metrics.json "seconds") starts; the
+    # process's wall-clock still includes it (docs/accuracy-and-selection.md).
+    import torch._dynamo  # noqa: F401
+
+    return data
