@@ -168,10 +168,10 @@ def mean_of(value: float | dict) -> float:
 def best_from_ensemble(ensemble: dict) -> dict:
     """The ``best`` row from the ensemble's members, each a ``--recipe best --seed S`` run (module docstring)."""
     members = ensemble["members"]
+    threads, processes = ensemble.get("threads_per_process") or "default", ensemble.get("processes", 1)
+    how = f"in one of {processes} processes sharing the machine" if processes > 1 else "one member at a time"
     return {"source": "the ensemble recipe's members, each identical to --recipe best --seed S; "
-                      "time = each member's own training time, on "
-                      f"{ensemble.get('threads_per_process') or 'default'} thread(s) in one of "
-                      f"{ensemble.get('processes', 1)} processes sharing the machine",
+                      f"time = each member's own training time, on {threads} thread(s) {how}",
             "seeds": [m["seed"] for m in members],
             "runs": {f"best-seed{m['seed']}": {"test_accuracy": m["test_accuracy"], "train_seconds": m["seconds"]}
                      for m in members},
@@ -198,9 +198,9 @@ def median_seed_run(rows: list[dict]) -> dict:
     finish are listed under ``incomplete``.
     """
     timed = sorted((row for row in rows if "vs_plain_loop" in row), key=lambda row: row["vs_plain_loop"])
+    if not timed:
+        return rows[0]
     failed = [row.get("incomplete", "no plain loop") for row in rows if "vs_plain_loop" not in row]
-    if len(timed) < 2:
-        return {**(timed[0] if timed else rows[0]), **({"incomplete": failed} if failed and timed else {})}
     repeats = [{k: row[k] for k in ("train_seconds", "plain_loop_seconds", "vs_plain_loop", "test_accuracy")}
                for row in timed]
     return {**timed[len(timed) // 2], "repeats": repeats, **({"incomplete": failed} if failed else {})}

@@ -91,6 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise MnistrecError("--no-test is for a single run with a validation split (--val-size N, no --final, "
                             "no ensemble): the validation split reports instead of the test set")
     data = _training_data(args)
+    _import_optimiser_machinery()
     # Every rank of a torchrun ensemble records the options: it resumes its own members from its own disk.
     if not args.resume and (config.ensemble_size > 1 or final and distributed.is_main_process()):
         write_run_options(run_dir, config, final)
@@ -153,7 +154,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _training_data(args: argparse.Namespace) -> MNIST:
-    """MNIST, or ``--images`` (with ``--with-mnist``, both); then the start-up work that is not training."""
+    """MNIST, or the ``--images`` folder (with ``--with-mnist``, both)."""
     from ..data import load_mnist
 
     data = load_mnist(args.data_dir)
@@ -165,10 +166,16 @@ def _training_data(args: argparse.Namespace) -> MNIST:
         data = training_data(data, folder, args.with_mnist)
         print(f"training on {len(folder)} images from {args.images}" + (" and MNIST's training images" if args.with_mnist else ""),
               file=sys.stderr)
-    # The first optimiser a process builds makes torch import torch._dynamo (Optimizer.add_param_group is wrapped
-    # in torch._disable_dynamo, which imports it on first call): about 1 s here. That is start-up, like
-    # `import torch`, so it happens here, before the training clock (metrics.json "seconds") starts; the
-    # process's wall-clock still includes it (docs/accuracy-and-selection.md).
-    import torch._dynamo  # noqa: F401
-
     return data
+
+
+def _import_optimiser_machinery() -> None:
+    """Pay a one-time library import now, before ``train()`` starts the training clock (metrics.json "seconds").
+
+    The first optimiser a process builds makes torch import ``torch._dynamo``
+    (``Optimizer.add_param_group`` is wrapped in ``torch._disable_dynamo``, which
+    imports it on its first call): about 1 s here. That is start-up, like
+    ``import torch``; the process's wall-clock still includes it
+    (docs/accuracy-and-selection.md).
+    """
+    import torch._dynamo  # noqa: F401
