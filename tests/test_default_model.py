@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,3 +100,18 @@ def test_serve_without_checkpoint_serves_the_shipped_calibrated_model(mnist, tmp
         with open(seven_png(mnist, tmp_path / "seven.png"), "rb") as fh:
             answer = httpx.post(url + "/api/predict", files={"file": ("seven.png", fh, "image/png")}, timeout=60).json()
         assert answer["digit"] == 7 and answer["unsure"] is False
+
+
+def test_make_default_model_trains_with_the_options_the_shipped_file_records(shipped):
+    """`make default-model` reproduces the shipped file: its `mnistrec train` command (as `make -n` prints it)
+    resolves to the training options the file records, whatever the recipe's defaults have become since."""
+    from mnistrec.cli import build_parser
+    from mnistrec.cli.train import config_overrides
+    from mnistrec.training.config import TrainConfig, comparable, make_config
+
+    dry_run = subprocess.run(["make", "-n", "default-model"], cwd=REPO, capture_output=True, text=True, check=True)
+    command = dry_run.stdout.replace("\\\n", " ")
+    line = next(line for line in command.splitlines() if "-m mnistrec train" in line)
+    args = build_parser().parse_args(shlex.split(line.split("-m mnistrec", 1)[1]))
+    config = make_config(args.recipe, **config_overrides(args))
+    assert comparable(config) == comparable(TrainConfig(**shipped.meta["config"]))

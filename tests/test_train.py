@@ -115,7 +115,7 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypa
     assert autocast_dtype("auto", cpu) is expected
     assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("fp32", torch.device("cuda")) is torch.float16  # CUDA: float16 with a gradient scaler
-    assert make_config("fast").precision == "auto" and make_config("seed").precision == "fp32"
+    assert [make_config(r).precision for r in ("seed", "fast", "best", "ensemble")] == ["fp32", "auto", "auto", "auto"]
 
 
 def test_auto_precision_says_it_trains_in_bf16_and_records_it(mnist, monkeypatch, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MnistrecError
 from .common import add_data_dir, progress
@@ -66,18 +66,23 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options given on the command line (``None`` where a flag was not given: the recipe's value)."""
+    return {
+        key: getattr(args, key)
+        for key in ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing",
+                    "ema_decay", "augment", "val_size", "seed", "device", "limit_train", "limit_test", "early_stop",
+                    "ensemble_size", "tta", "threads", "precision")
+    }
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``mnistrec train`` with the parsed ``args``; returns the exit code."""
     from .. import distributed
     from ..plots import plot_run
     from ..training import copy_model, make_config, resume_options, train, train_ensemble, train_final, write_run_options
 
-    overrides = {
-        key: getattr(args, key)
-        for key in ("model", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing",
-                    "ema_decay", "augment", "val_size", "seed", "device", "limit_train", "limit_test", "early_stop",
-                    "ensemble_size", "tta", "threads", "precision")
-    }
+    overrides = config_overrides(args)
     final = args.final
     if args.resume:
         config, saved_final = resume_options(args.resume, recipe=args.recipe, **overrides)
