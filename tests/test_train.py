@@ -173,3 +173,21 @@ print(json.dumps({"before": before, **seen, "code": code}))
                            "--no-plots", "--quiet"], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"before": False, "at_train": True, "code": 0}
+
+
+def test_a_recipe_run_saved_before_precision_existed_resumes_in_float32(mnist, tmp_path):
+    """`mnistrec train --resume` reads the options from `last.pth`: one written before `precision` existed trained
+    in float32, so it resumes in float32 even though its recipe (`best`) now says "auto"."""
+    from mnistrec.training import resume_config
+
+    tiny = dict(model="mlp", augment="none", epochs=2, limit_train=500, limit_test=100, precision="fp32")
+    first = train(make_config("best", **tiny), mnist, tmp_path, progress=False, log=lambda _: None)
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    del state["config"]["precision"]
+    torch.save(state, tmp_path / "last.pth")
+    config = resume_config(tmp_path)
+    assert config.recipe == "best" and config.precision == "fp32" and make_config("best").precision == "auto"
+    lines: list[str] = []
+    resumed = train(config, mnist, tmp_path, resume=True, progress=False, log=lines.append)
+    assert lines[0].startswith(f"resuming {tmp_path} after epoch 2/2") and resumed.autocast is None
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(), first.model.state_dict().values()))
