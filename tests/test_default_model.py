@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,9 +110,13 @@ def test_make_default_model_trains_with_the_options_the_shipped_file_records(shi
     from mnistrec.cli.train import config_overrides
     from mnistrec.training.config import TrainConfig, comparable, make_config
 
+    if shutil.which("make") is None:
+        pytest.skip("needs make")
     dry_run = subprocess.run(["make", "-n", "default-model"], cwd=REPO, capture_output=True, text=True, check=True)
     command = dry_run.stdout.replace("\\\n", " ")
     line = next(line for line in command.splitlines() if "-m mnistrec train" in line)
     args = build_parser().parse_args(shlex.split(line.split("-m mnistrec", 1)[1]))
     config = make_config(args.recipe, **config_overrides(args))
-    assert comparable(config) == comparable(TrainConfig(**shipped.meta["config"]))
+    recorded = TrainConfig(**shipped.meta["config"])
+    # The thread count is not a training option (a run may resume on another), but it changes the weights' last bits.
+    assert comparable(config) == comparable(recorded) and config.threads == recorded.threads

@@ -51,7 +51,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    "1 is faster on a busy machine)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="bf16: train under bfloat16 autocast (faster "
                    "on CPUs with native bfloat16: AVX512-BF16 or AMX; weights and evaluation stay float32); auto: bf16 "
-                   "on such a CPU, else fp32 (seed: fp32; fast: auto)")
+                   "on such a CPU, else fp32 (seed: fp32; fast, best, ensemble: auto)")
     p.add_argument("--seed", type=int, help=f"random seed; same seed and machine give the same metrics (default: {defaults.seed})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to train (default: auto)")
     p.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images (quick runs)")
