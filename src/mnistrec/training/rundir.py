@@ -80,9 +80,7 @@ def resume_options(run_dir: str | Path, **overrides: Any) -> tuple[TrainConfig, 
     recipe = overrides.pop("recipe", None) or saved["recipe"]
     # An option newer than the saved run had its plain default's behaviour then, whatever the recipe says now
     # (a `best` run saved before `precision` existed trained in float32, not the recipe's "auto").
-    defaults = TrainConfig().to_dict()
-    values = {k: defaults[k] for k in known - set(saved)}
-    values.update({k: v for k, v in saved.items() if k != "recipe"})
+    values = {k: v for k, v in {**TrainConfig().to_dict(), **saved}.items() if k != "recipe"}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return make_config(recipe, **values), final
 
